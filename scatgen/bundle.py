@@ -1,0 +1,93 @@
+"""The model bundle: everything sampling needs, nothing pickled.
+
+    model/
+      model.safetensors       generator weights
+      whitening.safetensors   μ, U, Λ and their metadata
+      config.yaml             the resolved training config
+      bundle.json             format version and the shapes that must agree
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from scatgen.config import Config, config_from_dict, config_to_dict
+from scatgen.generators import Generator, build_generator
+from scatgen.utils import atomic_path
+from scatgen.whitening import Whitening
+
+FORMAT_VERSION = 1
+_CHECKED = ("J", "L", "image_size", "d")
+
+
+def bundle_info(cfg: Config, whitening: Whitening) -> dict[str, Any]:
+    return dict(format_version=FORMAT_VERSION, J=cfg.encoder.J, L=cfg.encoder.L, image_size=cfg.data.image_size,
+                d=whitening.d, D=whitening.dim, generator=cfg.generator.kind, dataset=cfg.data.name)
+
+
+def save_bundle(path: str | Path, generator: Generator, whitening: Whitening, cfg: Config,
+                extra: dict[str, Any] | None = None) -> Path:
+    """Write the bundle directory atomically and return its path."""
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        save_file(state, str(tmp / "model.safetensors"))
+        whitening.save(tmp / "whitening.safetensors")
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        info = dict(bundle_info(cfg, whitening), num_parameters=sum(p.numel() for p in generator.parameters()),
+                    **(extra or {}))
+        (tmp / "bundle.json").write_text(json.dumps(info, indent=2))
+    return path
+
+
+def find_bundle(path: str | Path) -> Path:
+    """Accept a bundle directory or a run directory that holds one in model/."""
+    path = Path(path)
+    for candidate in (path, path / "model"):
+        if (candidate / "bundle.json").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no model bundle at '{path}': expected a folder with bundle.json, model.safetensors, "
+        f"whitening.safetensors and config.yaml (a run directory's model/ subfolder); train one with train.py"
+    )
+
+
+def load_bundle(path: str | Path, expected: dict[str, Any] | None = None,
+                device: torch.device | str = "cpu") -> tuple[Generator, Whitening, Config]:
+    """(generator in eval mode, whitening, config); refuses a bundle that disagrees with `expected`
+    (any of J, L, image_size, d) or with itself."""
+    path = find_bundle(path)
+    for name in ("model.safetensors", "whitening.safetensors", "config.yaml"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"incomplete bundle '{path}': {name} is missing")
+    info = json.loads((path / "bundle.json").read_text())
+    if info.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"bundle '{path}' has format version {info.get('format_version')}, "
+                         f"this scatgen reads version {FORMAT_VERSION}; retrain or use a matching scatgen")
+    cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+    whitening = Whitening.load(path / "whitening.safetensors")
+    actual = bundle_info(cfg, whitening)
+    sources = {"bundle.json": info, "whitening metadata": {**whitening.metadata, "d": whitening.d}}
+    if expected:
+        sources["the caller"] = expected
+    for source, values in sources.items():
+        for key in _CHECKED:
+            if key in values and values[key] != actual[key]:
+                raise ValueError(
+                    f"incompatible bundle '{path}': {key}={actual[key]} in its config, but {key}={values[key]} "
+                    f"in {source}. Use a bundle trained with {key}={values[key]}, or retrain.")
+    generator = build_generator(cfg.generator, code_dim=whitening.d, image_size=cfg.data.image_size,
+                                J=cfg.encoder.J, L=cfg.encoder.L)
+    try:
+        generator.load_state_dict(load_file(str(path / "model.safetensors")))
+    except RuntimeError as e:
+        raise ValueError(f"bundle '{path}': the weights do not fit the {cfg.generator.kind} generator its "
+                         f"config describes ({str(e).splitlines()[0]}); the bundle is corrupt or mixed") from None
+    return generator.to(device).eval(), whitening.to(device), cfg

@@ -1,0 +1,194 @@
+"""The on-disk code cache: images → S_J → whitening → codes, computed once per key.
+
+A cache entry is keyed by everything that determines its numbers: the dataset's
+identity (name, root, split, size, crop, seed, file list), J, L, d and the fitted
+whitening's fingerprint. Entries are written atomically, so a killed run never
+leaves one that loads as valid. Only codes are stored, never the scattering coeffs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from scatgen.config import Config
+from scatgen.data import build_dataset, collate_skip_none
+from scatgen.scattering import Scattering
+from scatgen.utils import atomic_path
+from scatgen.whitening import Whitening, fit_whitening
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class CodeSet:
+    """Codes of one split: codes[i] belongs to dataset item indices[i] (unreadable files are absent)."""
+
+    codes: torch.Tensor  # (n, d) float32
+    indices: torch.Tensor  # (n,) int64
+    num_skipped: int = 0
+
+
+class IndexedImages(Dataset):
+    """dataset[i] → (image, i), or None where the image is unreadable."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image = self.dataset[i]
+        return None if image is None else (image, i)
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _loader(dataset: Dataset, batch_size: int, num_workers: int, shard: bool) -> DataLoader:
+    rank, world = _rank_world()
+    indexed = IndexedImages(dataset)
+    if shard and world > 1:
+        indexed = Subset(indexed, range(rank, len(dataset), world))
+    return DataLoader(indexed, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=collate_skip_none)
+
+
+@torch.no_grad()
+def scatter_batches(scattering: Scattering, loader: DataLoader, device: torch.device,
+                    desc: str, progress: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Yield (coeffs (B, D), indices (B,), skipped) per batch."""
+    batch_size = loader.batch_size or 1
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
+        if batch is None:
+            yield torch.empty(0, 0), torch.empty(0, dtype=torch.long), batch_size
+            continue
+        images, indices = batch
+        coeffs = scattering(images.to(device, non_blocking=True))
+        yield coeffs.reshape(coeffs.shape[0], -1).cpu(), indices, batch_size - len(indices)
+
+
+def fit_or_load_whitening(cfg: Config, scattering: Scattering, device: torch.device,
+                          progress: bool = True) -> Whitening:
+    """The whitening for cfg, from the cache or fitted on the train split (streamed)."""
+    train = build_dataset(cfg.data, "train")
+    w = cfg.whitening
+    if w.max_images and w.max_images < len(train):
+        train = Subset(train, range(w.max_images))
+        identity = dict(build_dataset(cfg.data, "train").identity(), max_images=w.max_images)
+    else:
+        identity = train.identity()
+    key_parts = dict(version=CACHE_VERSION, dataset=identity, J=cfg.encoder.J, L=cfg.encoder.L, d=w.d,
+                     method=w.method, oversample=w.oversample, power_iters=w.power_iters, eps=w.eps,
+                     seed=cfg.run.seed)
+    path = Path(cfg.run.cache_dir) / f"whitening-{cache_key(key_parts)}.safetensors"
+    if path.is_file():
+        try:
+            return Whitening.load(path)
+        except ValueError as e:
+            warnings.warn(f"ignoring a corrupt whitening cache entry: {e}")
+    loader = _loader(train, cfg.encoder.batch_size, cfg.train.num_workers, shard=True)
+
+    def batches() -> Iterator[torch.Tensor]:
+        for coeffs, _, _ in scatter_batches(scattering, loader, device, "scattering", progress):
+            if len(coeffs):
+                yield coeffs
+
+    meta = dict(J=cfg.encoder.J, L=cfg.encoder.L, image_size=cfg.data.image_size, dataset=identity)
+    whitening = fit_whitening(batches, d=w.d, method=w.method, oversample=w.oversample,
+                              power_iters=w.power_iters, eps=w.eps, seed=cfg.run.seed,
+                              progress=progress, metadata=meta)
+    if _rank_world()[0] == 0:
+        whitening.save(path)
+    return whitening
+
+
+def _gather(codes: torch.Tensor, indices: torch.Tensor, skipped: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    rank, world = _rank_world()
+    if world == 1:
+        return codes, indices, skipped
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, (codes, indices, skipped))
+    codes = torch.cat([p[0] for p in parts])
+    indices = torch.cat([p[1] for p in parts])
+    order = torch.argsort(indices)
+    return codes[order], indices[order], sum(p[2] for p in parts)
+
+
+@torch.no_grad()
+def encode_split(cfg: Config, split: str, scattering: Scattering, whitening: Whitening,
+                 device: torch.device, progress: bool = True) -> CodeSet:
+    """Codes of one split, from the cache or computed (sharded across ranks) and stored."""
+    dataset = build_dataset(cfg.data, split)
+    key_parts = dict(version=CACHE_VERSION, dataset=dataset.identity(), J=cfg.encoder.J, L=cfg.encoder.L,
+                     d=whitening.d, whitening=whitening.fingerprint())
+    path = Path(cfg.run.cache_dir) / f"codes-{split}-{cache_key(key_parts)}.safetensors"
+    cached = load_codes(path)
+    if cached is not None:
+        return cached
+    whitening = whitening.to(device)
+    all_codes, all_indices, skipped = [], [], 0
+    loader = _loader(dataset, cfg.encoder.batch_size, cfg.train.num_workers, shard=True)
+    for coeffs, indices, n_skipped in scatter_batches(scattering, loader, device, f"encoding {split}", progress):
+        skipped += n_skipped
+        if len(indices):
+            all_codes.append(whitening(coeffs.to(device)).cpu())
+            all_indices.append(indices)
+    codes = torch.cat(all_codes) if all_codes else torch.empty(0, whitening.d)
+    indices = torch.cat(all_indices) if all_indices else torch.empty(0, dtype=torch.long)
+    codes, indices, skipped = _gather(codes, indices, skipped)
+    if len(codes) == 0:
+        raise ValueError(f"no readable images in the {split} split of {dataset.identity()}")
+    if skipped:
+        warnings.warn(f"{skipped} unreadable image(s) skipped in the {split} split")
+    if _rank_world()[0] == 0:
+        meta = dict(key_parts, split=split, num_skipped=skipped)
+        with atomic_path(path) as tmp:
+            save_file({"codes": codes.contiguous(), "indices": indices.contiguous()}, str(tmp),
+                      metadata={"scatgen_codes": json.dumps(meta, default=str)})
+    return CodeSet(codes, indices, skipped)
+
+
+def load_codes(path: Path) -> CodeSet | None:
+    """A cached CodeSet, or None when absent or unreadable (then it is recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["scatgen_codes"])
+            codes, indices = f.get_tensor("codes"), f.get_tensor("indices")
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        warnings.warn(f"ignoring a corrupt code cache entry '{path}' ({e}); recomputing")
+        return None
+    return CodeSet(codes, indices, int(meta.get("num_skipped", 0)))
+
+
+def prepare_codes(cfg: Config, device: torch.device | str = "cpu",
+                  progress: bool = True) -> tuple[Scattering, Whitening, dict[str, CodeSet]]:
+    """The encoder half of scatgen: (scattering, whitening, {'train': ..., 'test': ...})."""
+    device = torch.device(device)
+    scattering = Scattering(cfg.encoder.J, cfg.data.image_size, cfg.encoder.L, cfg.encoder.backend,
+                            cache_dir=cfg.run.cache_dir).to(device)
+    whitening = fit_or_load_whitening(cfg, scattering, device, progress)
+    splits = {s: encode_split(cfg, s, scattering, whitening, device, progress) for s in ("train", "test")}
+    return scattering, whitening.cpu(), splits

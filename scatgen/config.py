@@ -1,0 +1,310 @@
+"""Typed configuration: one dataclass per stage, loaded from YAML with dotted overrides.
+
+A config file holds only what differs from the defaults below. Every value is
+converted by its field's declared type, and an unknown key is an error that names
+the closest valid one, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    name: str = "polygons"  # polygons | celeba | folder
+    root: str = ""  # dataset directory (celeba, folder); unused for polygons
+    image_size: int = 32  # N, pixels; polygons: 32, 64 or 128
+    crop: int = 0  # centre crop before resizing, pixels; 0 = 140 for 64², 178 for 128², none otherwise
+    seed: int = 0  # polygons: generator seed; folder: seed of the hashed split
+    num_train: int = 10000  # images in the train split; 0 = all (celeba, folder)
+    num_test: int = 1000  # images in the test split; 0 = all (celeba, folder)
+    test_fraction: float = 0.1  # folder: share of files hashed into the test split
+
+
+@dataclass
+class EncoderConfig:
+    J: int = 4  # scales: averaging over 2^J pixels
+    L: int = 8  # orientations
+    backend: str = "fast"  # fast | kymatio
+    batch_size: int = 128  # images per scattering batch
+
+
+@dataclass
+class WhiteningConfig:
+    d: int = 512  # code dimension
+    method: str = "auto"  # auto | exact | randomized; auto = exact when D <= 8192
+    oversample: int = 64  # randomized: extra directions in the sketch
+    power_iters: int = 2  # randomized: power iterations, each one pass over the data
+    max_images: int = 0  # fit on at most this many train images; 0 = all
+    eps: float = 1e-6  # eigenvalue floor, relative to the largest eigenvalue
+
+
+@dataclass
+class TrainConfig:
+    loss: str = "l1"  # l1 | l2
+    lr: float = 1e-3  # Adam learning rate
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam betas
+    weight_decay: float = 0.0  # Adam (decoupled) weight decay
+    schedule: str = "cosine"  # constant | cosine | linear; decays after warmup
+    warmup_steps: int = 100  # linear warmup, steps
+    batch_size: int = 128  # images per step per process
+    max_steps: int = 2000  # optimizer steps; 0 = use epochs
+    epochs: int = 0  # used when max_steps = 0
+    max_minutes: float = 0.0  # stop after this wall-clock time; 0 = no limit
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    code_noise: float = 0.0  # ν in [0, 1): codes scaled by sqrt(1−ν) plus noise so each component has unit variance
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, off on CPU) | no | bf16 | fp16
+    num_workers: int = 0  # DataLoader worker processes
+    eval_every: int = 500  # steps between test PSNR evaluations and image grids
+    eval_images: int = 500  # test images used for the periodic PSNR
+    log_every: int = 20  # steps between scalar logs
+    checkpoint_every: int = 500  # steps between accelerate checkpoints
+    keep_checkpoints: int = 2  # checkpoints kept on disk
+    grid_size: int = 16  # images per logged grid
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/polygons"  # run directory
+    cache_dir: str = ".cache/scatgen"  # code and filter cache
+    seed: int = 0  # global seed: data order, initialisation, noise
+    resume: str = ""  # "" | latest | path to a checkpoint folder
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    whitening: WhiteningConfig = field(default_factory=WhiteningConfig)
+    generator: Any = None  # a generator's own config dataclass, picked by `kind`
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.generator is None:
+            from scatgen.generators import generator_config_class
+
+            self.generator = generator_config_class("gsn")()
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.name": ("polygons", "celeba", "folder"),
+    "encoder.backend": ("fast", "kymatio"),
+    "whitening.method": ("auto", "exact", "randomized"),
+    "train.loss": ("l1", "l2"),
+    "train.schedule": ("constant", "cosine", "linear"),
+    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+}
+
+
+def _convert(value: Any, typ: Any, key: str) -> Any:
+    """Convert `value` to the declared field type `typ`, or raise a ValueError naming `key`."""
+    if isinstance(typ, str):
+        typ = eval(typ, vars(typing) | {"tuple": tuple})  # annotations are strings under __future__
+    origin = typing.get_origin(typ)
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if value.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value, 0)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if origin is tuple:
+            if isinstance(value, str):
+                value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+            args = typing.get_args(typ)
+            if not isinstance(value, (list, tuple)) or len(value) != len(args):
+                raise ValueError
+            return tuple(_convert(v, a, key) for v, a in zip(value, args))
+        if origin in (typing.Union, types.UnionType):
+            return value
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"config key '{key}': got {value!r}, expected a value of type {getattr(typ, '__name__', typ)}"
+        ) from None
+    return value
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def _section_fields(obj: Any) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def valid_keys(cfg: Config) -> list[str]:
+    """All dotted keys that `cfg` accepts, e.g. 'train.lr'."""
+    keys = []
+    for section in _section_fields(cfg):
+        keys += [f"{section}.{name}" for name in _section_fields(getattr(cfg, section))]
+    return keys
+
+
+def _apply(cfg: Config, flat: dict[str, Any]) -> None:
+    from scatgen.generators import generator_config_class
+
+    # The generator section's fields depend on its kind, so the kind goes first.
+    if "generator.kind" in flat:
+        kind = flat.pop("generator.kind")
+        if kind != cfg.generator.kind:
+            cfg.generator = generator_config_class(str(kind))()
+    for key, value in flat.items():
+        parts = key.split(".")
+        if len(parts) != 2 or parts[0] not in _section_fields(cfg):
+            raise ValueError(
+                f"unknown config key '{key}'.{_closest(key, valid_keys(cfg))} "
+                f"Valid keys: {', '.join(valid_keys(cfg))}"
+            )
+        section, name = parts
+        obj = getattr(cfg, section)
+        fields = _section_fields(obj)
+        if name not in fields:
+            section_keys = [f"{section}.{n}" for n in fields]
+            raise ValueError(
+                f"unknown config key '{key}'.{_closest(key, section_keys)} "
+                f"Valid keys in '{section}': {', '.join(section_keys)}"
+            )
+        setattr(obj, name, _convert(value, fields[name].type, key))
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        raise ValueError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {tree!r}")
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(_flatten(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """['--train.lr=3e-4', '--data.name', 'celeba'] -> {'train.lr': '3e-4', 'data.name': 'celeba'}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ValueError(f"expected an override like --train.lr=3e-4, got '{arg}'")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, value = arg[2:], args[i + 1]
+            i += 1
+        else:
+            raise ValueError(f"override '{arg}' has no value; write it as {arg}=VALUE")
+        out[key] = value
+        i += 1
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file at `path`, then dotted `overrides`; validated."""
+    cfg = Config()
+    flat: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file '{path}' does not exist; see configs/ for examples")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file '{path}' is not valid YAML: {e}") from None
+        flat.update(_flatten(tree))
+    flat.update(overrides or {})
+    _apply(cfg, flat)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Rebuild a Config from `config_to_dict` output (e.g. from a bundle)."""
+    cfg = Config()
+    _apply(cfg, _flatten(tree))
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    tree = dataclasses.asdict(cfg)
+    tree["train"]["betas"] = list(cfg.train.betas)
+    return tree
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def validate(cfg: Config) -> None:
+    """Reject bad values before any work starts."""
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ValueError(f"config key '{key}': got {value!r}, expected one of {', '.join(choices)}")
+    d, e, w, t = cfg.data, cfg.encoder, cfg.whitening, cfg.train
+    checks = [
+        (d.image_size >= 8 and d.image_size % (2**e.J) == 0,
+         f"data.image_size={d.image_size} must be a multiple of 2^J={2**e.J} (encoder.J={e.J})"),
+        (d.name != "polygons" or d.image_size in (32, 64, 128),
+         f"data.image_size={d.image_size}: polygons come in 32, 64 or 128"),
+        (d.name == "polygons" or d.root != "", f"data.name={d.name} needs data.root, the dataset directory"),
+        (d.name != "polygons" or (d.num_train > 0 and d.num_test > 0),
+         "polygons need data.num_train > 0 and data.num_test > 0"),
+        (0.0 < d.test_fraction < 1.0, f"data.test_fraction={d.test_fraction} must be in (0, 1)"),
+        (d.crop >= 0, f"data.crop={d.crop} must be >= 0"),
+        (1 <= e.J <= 8, f"encoder.J={e.J} must be between 1 and 8"),
+        (1 <= e.L <= 16, f"encoder.L={e.L} must be between 1 and 16"),
+        (e.batch_size > 0, f"encoder.batch_size={e.batch_size} must be > 0"),
+        (w.d > 0, f"whitening.d={w.d} must be > 0"),
+        (w.power_iters >= 0 and w.oversample >= 0, "whitening.power_iters and whitening.oversample must be >= 0"),
+        (t.lr > 0, f"train.lr={t.lr} must be > 0"),
+        (0.0 <= t.code_noise < 1.0, f"train.code_noise={t.code_noise} must be in [0, 1)"),
+        (t.batch_size > 0, f"train.batch_size={t.batch_size} must be > 0"),
+        (t.max_steps > 0 or t.epochs > 0, "set train.max_steps > 0 or train.epochs > 0"),
+        (min(t.eval_every, t.log_every, t.checkpoint_every, t.keep_checkpoints) > 0,
+         "train.eval_every, log_every, checkpoint_every and keep_checkpoints must be > 0"),
+        (cfg.run.resume in ("", "latest") or Path(cfg.run.resume).exists(),
+         f"run.resume='{cfg.run.resume}': expected '', 'latest' or an existing checkpoint folder"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    scattering_dim = 3 * scattering_channels(e.J, e.L) * (d.image_size // 2**e.J) ** 2
+    if w.d > scattering_dim:
+        raise ValueError(f"whitening.d={w.d} exceeds the scattering dimension D={scattering_dim}; lower it")
+    cfg.generator.validate()
+
+
+def scattering_channels(J: int, L: int) -> int:
+    """K = 1 + J L + L² J (J − 1) / 2 coefficients per colour channel (order 2)."""
+    return 1 + J * L + L * L * J * (J - 1) // 2

@@ -1,0 +1,54 @@
+"""images → PNG/GIF files: grids, side-by-side comparisons and interpolation strips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+
+from scatgen.utils import atomic_path
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] → [0, 1], clamped."""
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    """images (B, 3, N, N) in [-1, 1] → one (3, H, W) picture in [0, 1]."""
+    return make_grid(to_unit(images), nrow=nrow, padding=2, pad_value=1.0)
+
+
+def pairs_grid(originals: torch.Tensor, recons: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    """Rows of originals, each followed by the row of their reconstructions."""
+    rows = []
+    for start in range(0, len(originals), nrow):
+        rows += [originals[start:start + nrow], recons[start:start + nrow]]
+    return grid(torch.cat(rows), nrow=nrow)
+
+
+def to_pil(picture: torch.Tensor) -> Image.Image:
+    array = (picture.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def save_png(picture: torch.Tensor, path: str | Path) -> Path:
+    """Save a (3, H, W) picture in [0, 1]."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        to_pil(picture).save(tmp, format="PNG")
+    return path
+
+
+def save_gif(images: torch.Tensor, path: str | Path, duration_ms: int = 120, scale: int = 1) -> Path:
+    """An animation that runs through `images` (K, 3, N, N) in [-1, 1] and back."""
+    frames = [to_pil(to_unit(im)) for im in images]
+    if scale > 1:
+        frames = [f.resize((f.width * scale, f.height * scale), Image.NEAREST) for f in frames]
+    frames = frames + frames[-2:0:-1]
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
+    return path

@@ -1,0 +1,357 @@
+"""codes → generator: regression training on accelerate, with checkpoints, resume and logging.
+
+Run directory:
+    config.yaml             the resolved config
+    checkpoints/step-N/     accelerate state, for --run.resume
+    logs/                   TensorBoard
+    model/                  the bundle, for sample.py and scatgen.load
+    images/                 reconstructions.png, samples.png, interpolation.png
+    metrics.json            final test PSNR and run figures
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from scatgen.bundle import save_bundle
+from scatgen.codes import CodeSet, prepare_codes
+from scatgen.config import Config, save_config
+from scatgen.data import build_dataset, collate_skip_none
+from scatgen.generators import Generator, build_generator
+from scatgen.metrics import psnr
+from scatgen.pictures import grid, pairs_grid, save_png, to_unit
+from scatgen.pipeline import Pipeline, lerp
+from scatgen.utils import atomic_path
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class CodedImages(Dataset):
+    """Item j → (codes[j], image of dataset item indices[j]), or None if that file became unreadable."""
+
+    def __init__(self, dataset: Dataset, codeset: CodeSet) -> None:
+        self.dataset, self.codeset = dataset, codeset
+
+    def __len__(self) -> int:
+        return len(self.codeset.codes)
+
+    def __getitem__(self, j: int):
+        image = self.dataset[int(self.codeset.indices[j])]
+        return None if image is None else (self.codeset.codes[j], image)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """The batches of global steps [start, stop) for one rank.
+
+    The order is a pure function of (seed, step), so a resumed run sees the same data
+    as an uninterrupted one without restoring any sampler state.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, rank: int, world: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start, self.stop, self.rank, self.world = start, stop, rank, world
+        self.steps_per_epoch = n // (batch_size * world)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"train.batch_size={batch_size} × {world} process(es) exceeds the {n} train images; "
+                             f"lower train.batch_size")
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self):
+        epoch, perm = -1, None
+        for step in range(self.start, self.stop):
+            if step // self.steps_per_epoch != epoch:
+                epoch = step // self.steps_per_epoch
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            first = (step % self.steps_per_epoch) * self.batch_size * self.world + self.rank * self.batch_size
+            yield perm[first:first + self.batch_size].tolist()
+
+
+def lr_factor(step: int, cfg: Config, total: int) -> float:
+    t = cfg.train
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, total - t.warmup_steps)
+    if t.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if t.schedule == "linear":
+        return max(0.0, 1 - progress)
+    return 1.0
+
+
+def noisy_codes(codes: torch.Tensor, variances: torch.Tensor, level: float, seed: int) -> torch.Tensor:
+    """sqrt(1−ν) z + ε with ε ~ N(0, 1 − (1−ν) v): each component keeps unit variance,
+    and components with low train variance v get more noise."""
+    noise_var = (1 - (1 - level) * variances).clamp_min(0)
+    generator = torch.Generator().manual_seed(seed)
+    eps = torch.randn(codes.shape, generator=generator).to(codes.device)
+    return math.sqrt(1 - level) * codes + eps * noise_var.sqrt().to(codes.device)
+
+
+@torch.no_grad()
+def test_psnr(generator: Generator, codes: torch.Tensor, images: torch.Tensor, batch_size: int = 256) -> float:
+    """Mean per-image PSNR (dB, images in [0, 1]), infinite values excluded from the mean."""
+    was_training = generator.training
+    generator.eval()
+    values = []
+    for c, x in zip(codes.split(batch_size), images.split(batch_size)):
+        recons = generator(c.to(next(generator.parameters()).device))[0].float().cpu()
+        values.append(psnr(to_unit(recons), to_unit(x)))
+    generator.train(was_training)
+    values = torch.cat(values)
+    return values[torch.isfinite(values)].mean().item()
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(self.checkpoints.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        return found[-1] if found else None
+
+
+class Trainer:
+    """One trainer for every generator kind; runs unchanged on CPU, one GPU or many (accelerate)."""
+
+    def __init__(self, cfg: Config, progress: bool = True) -> None:
+        self.cfg = cfg
+        t = cfg.train
+        mp = t.mixed_precision
+        if mp == "auto":
+            mp = "bf16" if torch.cuda.is_available() else "no"
+        self.paths = RunPaths(Path(cfg.run.out_dir))
+        self.accelerator = Accelerator(
+            mixed_precision=mp, log_with="tensorboard",
+            project_config=ProjectConfiguration(project_dir=str(self.paths.root), logging_dir=str(self.paths.logs)),
+        )
+        self.progress = progress and self.accelerator.is_main_process
+        set_seed(cfg.run.seed)
+        if self.accelerator.is_main_process:
+            self.paths.root.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.paths.root / "config.yaml")
+
+        self.scattering, self.whitening, self.codesets = prepare_codes(cfg, self.accelerator.device, self.progress)
+        self.train_images = build_dataset(cfg.data, "train")
+        self.test_images = build_dataset(cfg.data, "test")
+        train_codes = self.codesets["train"].codes
+        self.code_variances = train_codes.var(0)
+        n_train = len(train_codes)
+        world = self.accelerator.num_processes
+        steps_per_epoch = n_train // (t.batch_size * world)
+        self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * max(steps_per_epoch, 1)
+
+        set_seed(cfg.run.seed)  # initialisation must not depend on whether the code cache was hit
+        generator = build_generator(cfg.generator, code_dim=self.whitening.d, image_size=cfg.data.image_size,
+                                    J=cfg.encoder.J, L=cfg.encoder.L)
+        optimizer = torch.optim.AdamW(generator.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        # Stepped by hand: accelerate's wrapper would step it once per process.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, self.total_steps))
+        self.model, self.optimizer = self.accelerator.prepare(generator, optimizer)
+        self.accelerator.register_for_checkpointing(self.scheduler)
+        self.step = 0
+        self._stop_requested = False
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """accelerate state for step `self.step`, written to a temporary folder and renamed into place."""
+        final = self.paths.checkpoints / f"step-{self.step:07d}"
+        tmp = self.paths.checkpoints / f".tmp-step-{self.step:07d}"
+        acc = self.accelerator
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "total_steps": self.total_steps}))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in sorted(self.paths.checkpoints.glob("step-*"),
+                              key=lambda p: int(p.name.split("-")[1]))[:-self.cfg.train.keep_checkpoints]:
+                shutil.rmtree(old)
+        acc.wait_for_everyone()
+        return final
+
+    def resume(self, where: str) -> None:
+        path = self.paths.latest_checkpoint() if where == "latest" else Path(where)
+        if path is None:
+            raise FileNotFoundError(f"--run.resume=latest: no checkpoint under {self.paths.checkpoints}")
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"'{path}' is not a scatgen checkpoint (no trainer_state.json)")
+        try:
+            self.accelerator.load_state(str(path))
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise ValueError(f"checkpoint '{path}' does not fit this config ({str(e).splitlines()[0]}); "
+                             f"resume with the config it was trained with") from None
+        self.step = json.loads((path / "trainer_state.json").read_text())["step"]
+        self.accelerator.print(f"resumed from {path} at step {self.step}")
+
+    # -- evaluation and pictures -------------------------------------------------------------------
+
+    def _fixed_test_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        codeset = self.codesets["test"]
+        codes, images = [], []
+        for j in range(len(codeset.codes)):
+            if len(images) == n:
+                break
+            image = self.test_images[int(codeset.indices[j])]
+            if image is not None:
+                codes.append(codeset.codes[j])
+                images.append(image)
+        return torch.stack(codes), torch.stack(images)
+
+    def evaluate(self) -> dict[str, float]:
+        """Test PSNR and image grids; main process only."""
+        t = self.cfg.train
+        generator = self.accelerator.unwrap_model(self.model)
+        codes, images = self._fixed_test_batch(t.eval_images)
+        metrics = {"test/psnr": test_psnr(generator, codes, images)}
+        pipe = Pipeline(generator, self.whitening, self.cfg, device=self.accelerator.device)
+        recons = pipe.decode(codes[:t.grid_size])
+        samples = pipe.sample(t.grid_size, seed=self.cfg.run.seed)
+        generator.train()
+        tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
+        tracker.add_image("test/reconstructions", pairs_grid(images[:t.grid_size], recons), self.step)
+        tracker.add_image("samples/fixed_noise", grid(samples), self.step)
+        self.accelerator.log(metrics, step=self.step)
+        return metrics
+
+    def save_pictures(self) -> None:
+        generator = self.accelerator.unwrap_model(self.model)
+        pipe = Pipeline(generator, self.whitening, self.cfg, device=self.accelerator.device)
+        codes, images = self._fixed_test_batch(32)
+        save_png(pairs_grid(images, pipe.decode(codes)), self.paths.images / "reconstructions.png")
+        save_png(grid(pipe.sample(64, seed=self.cfg.run.seed)), self.paths.images / "samples.png")
+        steps = torch.linspace(0, 1, 10)
+        rows = [lerp(codes[2 * i], codes[2 * i + 1], steps) for i in range(min(4, len(codes) // 2))]
+        save_png(grid(pipe.decode(torch.cat(rows)), nrow=10), self.paths.images / "interpolation.png")
+        generator.train()
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _request_stop(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return flag
+        return bool(self.accelerator.reduce(torch.tensor(float(flag), device=self.accelerator.device), "sum") > 0)
+
+    def train(self) -> dict[str, float]:
+        cfg, t, acc = self.cfg, self.cfg.train, self.accelerator
+        if cfg.run.resume:
+            self.resume(cfg.run.resume)
+        acc.init_trackers("tensorboard")
+        dataset = CodedImages(self.train_images, self.codesets["train"])
+        sampler = StepBatches(len(dataset), t.batch_size, cfg.run.seed, self.step, self.total_steps,
+                              acc.process_index, acc.num_processes)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=t.num_workers, collate_fn=collate_skip_none,
+                            persistent_workers=False)
+        previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="training",
+                   unit="step", dynamic_ncols=True)
+        start, images_seen, tic = time.time(), 0, time.time()
+        metrics: dict[str, float] = {}
+        self.model.train()
+        try:
+            for batch in loader:
+                # 1. evaluate and checkpoint if due
+                if self.step % t.eval_every == 0 and self.step > 0 and acc.is_main_process:
+                    metrics = self.evaluate()
+                if self.step % t.checkpoint_every == 0 and self.step > 0:
+                    self.save_checkpoint()
+                if batch is None:  # every image of this batch became unreadable since encoding
+                    self.step += 1
+                    continue
+                codes, images = batch
+                codes, images = codes.to(acc.device), images.to(acc.device)
+                if t.code_noise > 0:
+                    seed = (cfg.run.seed * 1_000_003 + self.step) * 1009 + acc.process_index
+                    codes = noisy_codes(codes, self.code_variances, t.code_noise, seed)
+                # 2. forward and backward
+                with acc.accumulate(self.model), acc.autocast():
+                    _, loss = self.model(codes, images, loss=t.loss)
+                if self._any_rank(not torch.isfinite(loss).item()):
+                    raise NonFiniteLossError(
+                        f"the loss became {loss.item()} at step {self.step}; the last good checkpoint is kept in "
+                        f"{self.paths.checkpoints}. Lower train.lr (now {t.lr}) or enable train.grad_clip, then "
+                        f"resume with --run.resume=latest")
+                acc.backward(loss)
+                if t.grad_clip > 0:
+                    acc.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                # 3. optimizer step
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                hook = getattr(acc.unwrap_model(self.model), "after_optimizer_step", None)
+                if hook is not None:
+                    hook()
+                self.step += 1
+                images_seen += len(images) * acc.num_processes
+                # 4. log
+                if self.step % t.log_every == 0:
+                    rate = images_seen / (time.time() - tic)
+                    logs = {"train/loss": loss.item(), "train/lr": self.scheduler.get_last_lr()[0],
+                            "train/images_per_s": rate}
+                    logs.update({f"train/{k}": v for k, v in acc.unwrap_model(self.model).stats.items()})
+                    acc.log(logs, step=self.step)
+                    images_seen, tic = 0, time.time()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                # 5. stop?
+                over_time = t.max_minutes > 0 and time.time() - start > 60 * t.max_minutes
+                if self._any_rank(self._stop_requested or over_time):
+                    break
+        finally:
+            signal.signal(signal.SIGINT, previous_handler)
+            bar.close()
+        self.save_checkpoint()
+        if self._stop_requested:
+            acc.print(f"interrupted at step {self.step}; checkpoint saved. Resume with --run.resume=latest")
+            acc.end_training()
+            raise KeyboardInterrupt
+        if acc.is_main_process:
+            metrics = self.evaluate()
+            metrics.update(steps=self.step, minutes=(time.time() - start) / 60)
+            generator = acc.unwrap_model(self.model)
+            save_bundle(self.paths.model, generator, self.whitening, cfg)
+            self.save_pictures()
+            with atomic_path(self.paths.root / "metrics.json") as tmp:
+                tmp.write_text(json.dumps(metrics, indent=2))
+        acc.wait_for_everyone()
+        acc.end_training()
+        return metrics
