@@ -76,16 +76,14 @@ def _loader(dataset: Dataset, batch_size: int, num_workers: int, shard: bool) ->
 
 @torch.no_grad()
 def scatter_batches(scattering: Scattering, loader: DataLoader, device: torch.device,
-                    desc: str, progress: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """Yield (coeffs (B, D), indices (B,), skipped) per batch."""
-    batch_size = loader.batch_size or 1
+                    desc: str, progress: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (coeffs (B, D), dataset indices (B,)) per batch of readable images."""
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
         if batch is None:
-            yield torch.empty(0, 0), torch.empty(0, dtype=torch.long), batch_size
             continue
         images, indices = batch
         coeffs = scattering(images.to(device, non_blocking=True))
-        yield coeffs.reshape(coeffs.shape[0], -1).cpu(), indices, batch_size - len(indices)
+        yield coeffs.reshape(coeffs.shape[0], -1).cpu(), indices
 
 
 def fit_or_load_whitening(cfg: Config, scattering: Scattering, device: torch.device,
@@ -110,9 +108,8 @@ def fit_or_load_whitening(cfg: Config, scattering: Scattering, device: torch.dev
     loader = _loader(train, cfg.encoder.batch_size, cfg.train.num_workers, shard=True)
 
     def batches() -> Iterator[torch.Tensor]:
-        for coeffs, _, _ in scatter_batches(scattering, loader, device, "scattering", progress):
-            if len(coeffs):
-                yield coeffs
+        for coeffs, _ in scatter_batches(scattering, loader, device, "scattering", progress):
+            yield coeffs
 
     meta = dict(J=cfg.encoder.J, L=cfg.encoder.L, image_size=cfg.data.image_size, dataset=identity)
     whitening = fit_whitening(batches, d=w.d, method=w.method, oversample=w.oversample,
@@ -147,15 +144,14 @@ def encode_split(cfg: Config, split: str, scattering: Scattering, whitening: Whi
     if cached is not None:
         return cached
     whitening = whitening.to(device)
-    all_codes, all_indices, skipped = [], [], 0
+    all_codes, all_indices = [], []
     loader = _loader(dataset, cfg.encoder.batch_size, cfg.train.num_workers, shard=True)
-    for coeffs, indices, n_skipped in scatter_batches(scattering, loader, device, f"encoding {split}", progress):
-        skipped += n_skipped
-        if len(indices):
-            all_codes.append(whitening(coeffs.to(device)).cpu())
-            all_indices.append(indices)
+    for coeffs, indices in scatter_batches(scattering, loader, device, f"encoding {split}", progress):
+        all_codes.append(whitening(coeffs.to(device)).cpu())
+        all_indices.append(indices)
     codes = torch.cat(all_codes) if all_codes else torch.empty(0, whitening.d)
     indices = torch.cat(all_indices) if all_indices else torch.empty(0, dtype=torch.long)
+    skipped = len(loader.dataset) - len(indices)
     codes, indices, skipped = _gather(codes, indices, skipped)
     if len(codes) == 0:
         raise ValueError(f"no readable images in the {split} split of {dataset.identity()}")

@@ -181,6 +181,8 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(generator, optimizer)
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.step = 0
+        self.train_seconds = 0.0  # wall-clock time in training steps, evaluation excluded
+        self.history: list[dict[str, float]] = []  # test PSNR against step and train_seconds
         self._stop_requested = False
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -196,7 +198,9 @@ class Trainer:
         acc.save_state(str(tmp), safe_serialization=True)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "total_steps": self.total_steps}))
+            (tmp / "trainer_state.json").write_text(json.dumps(
+                {"step": self.step, "total_steps": self.total_steps, "train_seconds": self.train_seconds,
+                 "history": self.history}))
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -217,7 +221,8 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as e:
             raise ValueError(f"checkpoint '{path}' does not fit this config ({str(e).splitlines()[0]}); "
                              f"resume with the config it was trained with") from None
-        self.step = json.loads((path / "trainer_state.json").read_text())["step"]
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.step, self.train_seconds, self.history = state["step"], state["train_seconds"], state["history"]
         self.accelerator.print(f"resumed from {path} at step {self.step}")
 
     # -- evaluation and pictures -------------------------------------------------------------------
@@ -240,6 +245,7 @@ class Trainer:
         generator = self.accelerator.unwrap_model(self.model)
         codes, images = self._fixed_test_batch(t.eval_images)
         metrics = {"test/psnr": test_psnr(generator, codes, images)}
+        self.history.append({"step": self.step, "train_seconds": self.train_seconds, "test_psnr": metrics["test/psnr"]})
         pipe = Pipeline(generator, self.whitening, self.cfg, device=self.accelerator.device)
         recons = pipe.decode(codes[:t.grid_size])
         samples = pipe.sample(t.grid_size, seed=self.cfg.run.seed)
@@ -284,16 +290,19 @@ class Trainer:
         previous_handler = signal.signal(signal.SIGINT, self._request_stop)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="training",
                    unit="step", dynamic_ncols=True)
-        start, images_seen, tic = time.time(), 0, time.time()
+        start, paused, resumed_seconds = time.time(), 0.0, self.train_seconds
+        images_seen, tic = 0, time.time()
         metrics: dict[str, float] = {}
         self.model.train()
         try:
             for batch in loader:
-                # 1. evaluate and checkpoint if due
+                # 1. evaluate and checkpoint if due (their time is not training time)
+                pause = time.time()
                 if self.step % t.eval_every == 0 and self.step > 0 and acc.is_main_process:
                     metrics = self.evaluate()
                 if self.step % t.checkpoint_every == 0 and self.step > 0:
                     self.save_checkpoint()
+                paused += time.time() - pause
                 if batch is None:  # every image of this batch became unreadable since encoding
                     self.step += 1
                     continue
@@ -321,6 +330,7 @@ class Trainer:
                 if hook is not None:
                     hook()
                 self.step += 1
+                self.train_seconds = resumed_seconds + time.time() - start - paused
                 images_seen += len(images) * acc.num_processes
                 # 4. log
                 if self.step % t.log_every == 0:
@@ -333,7 +343,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
                 # 5. stop?
-                over_time = t.max_minutes > 0 and time.time() - start > 60 * t.max_minutes
+                over_time = t.max_minutes > 0 and self.train_seconds > 60 * t.max_minutes
                 if self._any_rank(self._stop_requested or over_time):
                     break
         finally:
@@ -346,7 +356,8 @@ class Trainer:
             raise KeyboardInterrupt
         if acc.is_main_process:
             metrics = self.evaluate()
-            metrics.update(steps=self.step, minutes=(time.time() - start) / 60)
+            metrics.update(steps=self.step, minutes=(time.time() - start) / 60, train_minutes=self.train_seconds / 60,
+                           history=self.history)
             generator = acc.unwrap_model(self.model)
             save_bundle(self.paths.model, generator, self.whitening, cfg)
             self.save_pictures()

@@ -1,0 +1,39 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_overrides(tmp_path: Path, **extra) -> dict[str, str]:
+    """A config that trains end to end in seconds on CPU."""
+    cfg = {
+        "data.name": "polygons", "data.image_size": "32", "data.num_train": "256", "data.num_test": "64",
+        "encoder.J": "3", "encoder.L": "4", "encoder.batch_size": "64",
+        "whitening.d": "32",
+        "generator.kind": "gsn", "generator.channels": "32", "generator.min_channels": "8",
+        "train.batch_size": "32", "train.max_steps": "12", "train.warmup_steps": "2",
+        "train.eval_every": "6", "train.eval_images": "32", "train.log_every": "3",
+        "train.checkpoint_every": "6", "train.keep_checkpoints": "3", "train.grid_size": "8",
+        "run.out_dir": str(tmp_path / "run"), "run.cache_dir": str(tmp_path / "cache"),
+    }
+    cfg.update({k.replace("__", "."): str(v) for k, v in extra.items()})
+    return cfg
+
+
+def as_args(overrides: dict[str, str]) -> list[str]:
+    return [f"--{k}={v}" for k, v in overrides.items()]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return tiny_overrides(tmp_path)
+
+
+def run_script(*args: str, timeout: int = 300, env: dict | None = None):
+    import subprocess
+
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})

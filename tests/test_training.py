@@ -1,0 +1,133 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, as_args, run_script, tiny_overrides
+from scatgen.bundle import load_bundle, save_bundle
+from scatgen.config import load_config
+from scatgen.training import NonFiniteLossError, Trainer, lr_factor, noisy_codes
+
+
+def test_train_script_end_to_end(tmp_path, tiny):
+    result = run_script("train.py", str(ROOT / "configs/polygons.yaml"), *as_args(tiny))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.json", "model/model.safetensors", "model/whitening.safetensors",
+                 "model/config.yaml", "model/bundle.json", "images/reconstructions.png", "images/samples.png",
+                 "images/interpolation.png"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 12 and metrics["test/psnr"] > 5
+    assert list((run / "logs").rglob("events.out.tfevents*")), "no TensorBoard events"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000006", "step-0000012"]
+    # The second run hits the code cache and so skips the whitening fit and the encoding.
+    cache_files = sorted(p.name for p in (tmp_path / "cache").glob("*.safetensors"))
+    assert len([f for f in cache_files if f.startswith("codes-")]) == 2
+
+
+def test_bad_config_fails_before_any_work(tmp_path, tiny):
+    result = run_script("train.py", str(ROOT / "configs/polygons.yaml"), *as_args(tiny), "--train.lrr=1")
+    assert result.returncode == 2
+    assert "Did you mean 'train.lr'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _weights(run_dir):
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
+    straight = tiny_overrides(tmp_path, train__code_noise=0.3)
+    Trainer(load_config(None, straight), progress=False).train()
+    # Crash after step 6: a fresh run directory holding only that checkpoint, resumed.
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "step-0000006", resumed_dir / "checkpoints" / "step-0000006")
+    resumed = dict(straight, **{"run.out_dir": str(resumed_dir), "run.resume": "latest"})
+    trainer = Trainer(load_config(None, resumed), progress=False)
+    trainer.train()
+    a, b = _weights(tmp_path / "run"), _weights(resumed_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_interrupt_saves_a_checkpoint_and_resume_continues(tmp_path):
+    overrides = tiny_overrides(tmp_path)
+    trainer = Trainer(load_config(None, overrides), progress=False)
+    trainer._request_stop(None, None)  # what Ctrl-C does
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert (tmp_path / "run" / "checkpoints" / "step-0000001").is_dir()
+    assert not (tmp_path / "run" / "model").exists()
+    metrics = Trainer(load_config(None, dict(overrides, **{"run.resume": "latest"})), progress=False).train()
+    assert metrics["steps"] == 12
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(load_config(None, tiny_overrides(tmp_path)), progress=False)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    original = model.generate
+    calls = {"n": 0}
+
+    def poisoned(codes):
+        calls["n"] += 1
+        out = original(codes)
+        return out * float("nan") if model.training and calls["n"] > 8 else out
+
+    monkeypatch.setattr(model, "generate", poisoned)
+    with pytest.raises(NonFiniteLossError, match="loss became nan.*last good checkpoint"):
+        trainer.train()
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["step-0000006"]
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_bundle_roundtrip_and_mismatch_refused(tmp_path):
+    trainer = Trainer(load_config(None, tiny_overrides(tmp_path, train__max_steps=2)), progress=False)
+    trainer.train()
+    generator, whitening, cfg = load_bundle(tmp_path / "run")
+    codes = torch.randn(3, whitening.d)
+    original = trainer.accelerator.unwrap_model(trainer.model).eval()
+    torch.testing.assert_close(generator(codes)[0], original(codes)[0])
+    with pytest.raises(ValueError, match="incompatible bundle.*J=3.*J=4"):
+        load_bundle(tmp_path / "run", expected={"J": 4})
+    with pytest.raises(ValueError, match="incompatible bundle.*d=32.*d=64"):
+        load_bundle(tmp_path / "run", expected={"d": 64})
+    info_path = tmp_path / "run" / "model" / "bundle.json"
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps(dict(info, image_size=64)))
+    with pytest.raises(ValueError, match="image_size"):
+        load_bundle(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="no model bundle"):
+        load_bundle(tmp_path / "nowhere")
+
+
+def test_lr_schedule_and_code_noise():
+    cfg = load_config(None, {"train.warmup_steps": "10", "train.schedule": "cosine"})
+    assert lr_factor(0, cfg, 100) == pytest.approx(0.1)
+    assert lr_factor(10, cfg, 100) == pytest.approx(1.0)
+    assert lr_factor(100, cfg, 100) == pytest.approx(0.0, abs=1e-9)
+    codes = torch.randn(20000, 4) * torch.tensor([1.0, 0.5, 0.1, 1.0])
+    variances = codes.var(0)
+    noisy = noisy_codes(codes, variances, level=0.0, seed=1)
+    # Each component ends with unit variance; the low-variance ones got the most noise.
+    torch.testing.assert_close(noisy.var(0), torch.ones(4), atol=0.05, rtol=0)
+    assert torch.equal(noisy[:, 0], codes[:, 0]) is False or variances[0] >= 1
+    torch.testing.assert_close(noisy[:, 3] - codes[:, 3], torch.zeros(20000), atol=0.2, rtol=0)
+
+
+def test_two_processes_write_exactly_one_bundle(tmp_path):
+    overrides = tiny_overrides(tmp_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "train.py", str(ROOT / "configs/polygons.yaml"), *as_args(overrides)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    bundles = list((tmp_path / "run").rglob("bundle.json"))
+    assert len(bundles) == 1
+    generator, whitening, cfg = load_bundle(bundles[0].parent)
+    assert whitening.d == 32
