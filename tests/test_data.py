@@ -1,0 +1,157 @@
+import hashlib
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from scatgen.config import DataConfig
+from scatgen.data import CorruptImageWarning, build_dataset, collate_skip_none, load_image
+from scatgen.data.polygons import TEST_OFFSET
+
+
+def _digest(images) -> str:
+    return hashlib.sha256(b"".join(x.numpy().tobytes() for x in images)).hexdigest()
+
+
+def test_polygons_are_deterministic_across_calls_and_processes():
+    cfg = DataConfig(name="polygons", image_size=32, num_train=20, num_test=5)
+    here = _digest([build_dataset(cfg, "train")[i] for i in range(5)])
+    assert here == _digest([build_dataset(cfg, "train")[i] for i in range(5)])
+    code = ("import hashlib; from scatgen.config import DataConfig; from scatgen.data import build_dataset; "
+            "d = build_dataset(DataConfig(name='polygons', image_size=32, num_train=20, num_test=5), 'train'); "
+            "print(hashlib.sha256(b''.join(d[i].numpy().tobytes() for i in range(5))).hexdigest())")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert other == here
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_polygons_shapes_range_and_disjoint_splits(size):
+    cfg = DataConfig(name="polygons", image_size=size, num_train=3, num_test=3)
+    train, test = build_dataset(cfg, "train"), build_dataset(cfg, "test")
+    x = train[0]
+    assert x.shape == (3, size, size) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1 and x.std() > 0.05  # a visible shape on a background
+    assert not torch.equal(train[0], test[0])
+    assert test.global_index(0) == TEST_OFFSET and train.global_index(2) == 2
+    assert len(train) == 3 and train.identity() != test.identity()
+    with pytest.raises(IndexError):
+        train[3]
+
+
+def test_polygons_reject_other_sizes():
+    with pytest.raises(ValueError, match="32, 64, 128"):
+        build_dataset(DataConfig(name="polygons", image_size=48), "train")
+    with pytest.raises(ValueError, match="split must be one of"):
+        build_dataset(DataConfig(), "valid")
+
+
+def _write_images(root):
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(root / "rgb.png")
+    Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8), "L").save(root / "gray.png")
+    rgba = rng.integers(0, 255, (40, 40, 4), dtype=np.uint8)
+    (root / "sub").mkdir()
+    Image.fromarray(rgba, "RGBA").save(root / "sub" / "rgba.png")
+    (root / "corrupt.jpg").write_bytes(rng.integers(0, 255, 500, dtype=np.uint8).tobytes())
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "full.jpg", quality=90)
+    data = (root / "full.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
+
+
+def test_folder_dataset_handles_bad_gray_and_rgba_files(tmp_path):
+    root = tmp_path / "imgs"
+    _write_images(root)
+    cfg = DataConfig(name="folder", root=str(root), image_size=16, test_fraction=0.01, num_train=0)
+    train = build_dataset(cfg, "train")
+    names = {train.path(i).name: i for i in range(len(train))}
+    assert {"rgb.png", "gray.png", "rgba.png", "corrupt.jpg", "truncated.jpg", "full.jpg"} <= set(names)
+    for good in ("rgb.png", "gray.png", "rgba.png", "full.jpg"):
+        x = train[names[good]]
+        assert x.shape == (3, 16, 16)
+    gray = train[names["gray.png"]]
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    for bad in ("corrupt.jpg", "truncated.jpg"):
+        with pytest.warns(CorruptImageWarning, match=bad):
+            assert train[names[bad]] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorruptImageWarning)
+        batch = collate_skip_none([train[i] for i in range(len(train))])
+    assert batch.shape == (4, 3, 16, 16)
+    assert collate_skip_none([None, None]) is None
+
+
+def test_folder_split_is_stable_when_files_are_added(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(40):
+        Image.new("RGB", (8, 8), (i, i, i)).save(root / f"{i:03d}.png")
+    cfg = DataConfig(name="folder", root=str(root), image_size=8, test_fraction=0.3, num_train=0, num_test=0)
+    before = {p.name for p in build_dataset(cfg, "test").files}
+    assert 0 < len(before) < 40
+    for i in range(40, 80):
+        Image.new("RGB", (8, 8), (i, i, i)).save(root / f"{i:03d}.png")
+    after_test = {p.name for p in build_dataset(cfg, "test").files}
+    after_train = {p.name for p in build_dataset(cfg, "train").files}
+    assert before <= after_test and not (before & after_train)
+    assert len(after_test | after_train) == 80
+
+
+def test_folder_missing_or_empty(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_dataset(DataConfig(name="folder", root=str(tmp_path / "nope")), "train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no"):
+        build_dataset(DataConfig(name="folder", root=str(tmp_path / "empty")), "train")
+
+
+def _fake_celeba(root, with_partition=True):
+    images = root / "celeba" / "img_align_celeba" if with_partition else root
+    images.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, code in zip(range(1, 7), [0, 0, 0, 1, 2, 2]):
+        Image.new("RGB", (178, 218), (40 * i, 10, 10)).save(images / f"{i:06d}.jpg")
+        lines.append(f"{i:06d}.jpg {code}")
+    if with_partition:
+        (root / "celeba" / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_celeba_torchvision_layout(tmp_path):
+    _fake_celeba(tmp_path)
+    cfg = DataConfig(name="celeba", root=str(tmp_path), image_size=64, num_train=0, num_test=0)
+    train, test = build_dataset(cfg, "train"), build_dataset(cfg, "test")
+    assert [p.name for p in train.files] == ["000001.jpg", "000002.jpg", "000003.jpg"]
+    assert [p.name for p in test.files] == ["000005.jpg", "000006.jpg"]
+    assert train[0].shape == (3, 64, 64) and train.crop == 140
+    assert build_dataset(DataConfig(name="celeba", root=str(tmp_path), image_size=128), "train").crop == 178
+
+
+def test_celeba_flat_folder_uses_official_numbering(tmp_path):
+    _fake_celeba(tmp_path, with_partition=False)
+    Image.new("RGB", (178, 218)).save(tmp_path / "182640.jpg")
+    cfg = DataConfig(name="celeba", root=str(tmp_path), image_size=64, num_train=0, num_test=0)
+    assert len(build_dataset(cfg, "train")) == 6
+    assert [p.name for p in build_dataset(cfg, "test").files] == ["182640.jpg"]
+
+
+def test_celeba_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="img_align_celeba"):
+        build_dataset(DataConfig(name="celeba", root=str(tmp_path / "missing")), "train")
+    (tmp_path / "celeba" / "img_align_celeba").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="list_eval_partition.txt"):
+        build_dataset(DataConfig(name="celeba", root=str(tmp_path)), "train")
+
+
+def test_load_image_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_image(tmp_path / "nope.png", 32)
+    (tmp_path / "bad.png").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="bad.png"):
+        load_image(tmp_path / "bad.png", 32)
+    Image.new("RGB", (50, 40), (255, 0, 0)).save(tmp_path / "red.png")
+    x = load_image(tmp_path / "red.png", 32)
+    assert x.shape == (3, 32, 32) and torch.allclose(x[0], torch.ones(32, 32))
