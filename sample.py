@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 import scatgen
 from scatgen.data import load_image
@@ -30,6 +31,16 @@ def out_dir(args) -> Path:
     path = Path(args.out) if args.out else base / "samples"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def user_image(path: str | Path, size: int) -> torch.Tensor:
+    """A user's image file; one of another size is centre-cropped and resized, with a notice."""
+    image = load_image(path, size)
+    with Image.open(path) as im:
+        if im.size != (size, size):
+            print(f"notice: {path} is {im.size[0]}×{im.size[1]}; centre-cropped and resized to {size}×{size}",
+                  file=sys.stderr)
+    return image
 
 
 def dataset_image(pipe, spec: str, data_root: str | None) -> torch.Tensor:
@@ -50,7 +61,7 @@ def endpoint(pipe, spec: str, data_root: str | None) -> torch.Tensor:
         return pipe.random_codes(1, seed=int(spec[5:]))[0]
     if spec.startswith(("train:", "test:")):
         return dataset_image(pipe, spec, data_root)
-    return load_image(spec, pipe.image_size)
+    return user_image(spec, pipe.image_size)
 
 
 def cmd_sample(pipe, args) -> None:
@@ -83,7 +94,7 @@ def cmd_reconstruct(pipe, args) -> None:
             paths += sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
         if not paths:
             raise ValueError("no images to reconstruct: pass --images FILES, --folder DIR or --split")
-        dataset = [load_image(p, pipe.image_size) for p in paths[:args.n]]
+        dataset = [user_image(p, pipe.image_size) for p in paths[:args.n]]
         names = [str(p) for p in paths[:args.n]]
     else:
         dataset = load_split(pipe, args.split, data_root=args.data_root)
