@@ -1,0 +1,240 @@
+"""Throughput and peak memory: kymatio ScatteringTorch2D vs scatgen FastScattering2D.
+
+    python benchmarks/scattering.py                   # CPU, sizes 64 128, batches 16 64 128
+    python benchmarks/scattering.py --quick           # one short configuration
+    python benchmarks/scattering.py --device cuda     # GPU, plus TF32 / bf16 variants
+
+Input (B, 3, N, N), J=4, L=8 (as used by scatgen). Every (backend, size, batch) runs
+in a fresh subprocess, so CPU peak memory is that process's ru_maxrss (reported as
+growth over the RSS before the first forward); on GPU it is the growth of
+torch.cuda.max_memory_allocated. Throughput: images/s (one image = 3 maps), median
+of --repeats timed forwards after one warm-up forward, under torch.no_grad().
+
+kymatio is ~100x slower than the fast path on CPU, so there it is timed on a
+sub-batch of --kymatio-max-batch images (its cost is linear in the batch: every op is
+batched) and the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _build(backend: str, J: int, L: int, size: int, cache_dir: str):
+    if backend == "kymatio":
+        from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+        return ScatteringTorch2D(J=J, shape=(size, size), L=L, max_order=2)
+    from scatgen.scattering_fast import FastScattering2D
+
+    return FastScattering2D(J, (size, size), L, cache_dir=cache_dir)
+
+
+def worker(a: argparse.Namespace) -> dict:
+    import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    variant = a.variant  # fp32 | tf32 | bf16 (fast on CUDA only)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = variant == "tf32"
+        torch.backends.cudnn.allow_tf32 = variant == "tf32"
+    t0 = time.perf_counter()
+    module = _build(a.backend, a.J, a.L, a.size, a.cache_dir).to(device)
+    build_s = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(a.batch, 3, a.size, a.size, generator=gen).to(device)
+
+    def run(inp):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant == "bf16"):
+            out = module(inp)
+        if cuda:
+            torch.cuda.synchronize()
+        return out
+
+    rss0 = _rss_bytes()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        mem0 = torch.cuda.memory_allocated()
+    run(x[: a.warmup_batch] if a.warmup_batch else x)  # warm-up (allocator, FFT plans)
+    times = []
+    for _ in range(a.repeats):
+        t = time.perf_counter()
+        run(x)
+        times.append(time.perf_counter() - t)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - mem0
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    result = {
+        "images_per_s": a.batch / statistics.median(times),
+        "times": times,
+        "peak_mem_bytes": max(peak, 0),
+        "build_s": build_s,
+        "threads": torch.get_num_threads(),
+    }
+    if a.check_error:
+        # Max relative error vs float32 kymatio on the same device, on a few images.
+        ref = _build("kymatio", a.J, a.L, a.size, a.cache_dir).to(device)
+        xs = x[:4]
+        with torch.no_grad():
+            r = ref(xs).float()
+        o = run(xs).float()
+        result["max_rel_err"] = ((o - r).abs().max() / r.abs().max()).item()
+        result["norm_rel_err"] = ((o - r).norm() / r.norm()).item()
+    return result
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def machine_info(device: str) -> str:
+    import torch
+
+    lines = [f"python {platform.python_version()}, torch {torch.__version__}"]
+    model = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+    lines.append(
+        f"CPU: {model}, {ncpu} cores usable, torch threads {torch.get_num_threads()}, "
+        f"load average {', '.join(f'{v:.1f}' for v in load)}"
+    )
+    if device.startswith("cuda") and torch.cuda.is_available():
+        lines.append(f"GPU: {torch.cuda.get_device_name(0)}")
+    return "\n".join(lines)
+
+
+def run_worker(args: argparse.Namespace, **kw) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker"]
+    opts = dict(device=args.device, J=args.J, L=args.L, cache_dir=args.cache_dir, variant="fp32", warmup_batch=0,
+                threads=args.threads)
+    opts.update(kw)
+    for k, v in opts.items():
+        if isinstance(v, bool):
+            cmd += [f"--{k.replace('_', '-')}"] if v else []
+        else:
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--batches", type=int, nargs="+", default=[16, 64, 128])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--J", type=int, default=4)
+    p.add_argument("--L", type=int, default=8)
+    p.add_argument("--kymatio-max-batch", type=int, default=None, help="CPU default 16; CUDA default: no cap")
+    p.add_argument("--kymatio-repeats", type=int, default=None, help="CPU default 2")
+    p.add_argument("--no-kymatio", action="store_true")
+    p.add_argument("--no-lowp", action="store_true", help="CUDA: skip the TF32 / bf16 variants")
+    p.add_argument("--quick", action="store_true", help="size 64, batch 16, 1 repeat")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads in each worker (0: torch's default). On a shared, "
+                   "oversubscribed CPU, 1 thread gives far more stable numbers than OpenMP's spinning")
+    p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "scatgen-filter-cache"))
+    # worker-only options
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--backend", default="fast", help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, default=64, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=16, help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--warmup-batch", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--check-error", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    cuda = args.device.startswith("cuda")
+    if args.quick:
+        args.sizes, args.batches, args.repeats = [64], [16], 1
+    kmax = args.kymatio_max_batch or (None if cuda else (4 if args.quick else 16))
+    krep = args.kymatio_repeats or (args.repeats if cuda else min(args.repeats, 2))
+
+    print(machine_info(args.device))
+    if args.threads:
+        print(f"workers use torch.set_num_threads({args.threads})")
+    print(f"J={args.J}, L={args.L}, input (B, 3, N, N) float32, device {args.device}, "
+          f"median of {args.repeats} (kymatio: {krep}) after a warm-up\n", flush=True)
+
+    rows = []
+    for size in args.sizes:
+        kym_cache: dict[int, dict] = {}
+        for batch in args.batches:
+            kb = min(batch, kmax) if kmax else batch
+            if not args.no_kymatio and kb not in kym_cache:
+                kym_cache[kb] = run_worker(args, backend="kymatio", size=size, batch=kb, repeats=krep,
+                                           warmup_batch=1 if not cuda else 0)
+            fast = run_worker(args, backend="fast", size=size, batch=batch, repeats=args.repeats)
+            kym = kym_cache.get(kb)
+            rows.append((size, batch, "fp32", kb, kym, fast))
+            if cuda and not args.no_lowp:
+                for variant in ("tf32", "bf16"):
+                    try:
+                        res = run_worker(args, backend="fast", size=size, batch=batch, repeats=args.repeats,
+                                         variant=variant, check_error=True)
+                    except RuntimeError as e:  # report and go on with the other rows
+                        print(f"  {variant} failed: {str(e)[-500:]}", file=sys.stderr)
+                        continue
+                    rows.append((size, batch, variant, kb, kym, res))
+            print(f"  done N={size} B={batch}", file=sys.stderr, flush=True)
+
+    mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
+    mem = "GPU peak alloc (MiB)" if cuda else "peak RSS growth (MiB)"
+    print(f"| N | B | variant | kymatio img/s | fast img/s | fast / kymatio | kymatio {mem} | fast {mem} | max rel err |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size, batch, variant, kb, kym, fast in rows:
+        k_ips = f"{kym['images_per_s']:.2f}" + (f" (B={kb})" if kb != batch else "") if kym else "-"
+        ratio = f"{fast['images_per_s'] / kym['images_per_s']:.1f}x" if kym else "-"
+        err = f"{fast['max_rel_err']:.1e}" if "max_rel_err" in fast else "-"
+        print(f"| {size} | {batch} | {variant} | {k_ips} | {fast['images_per_s']:.1f} | {ratio} | "
+              f"{mib(kym['peak_mem_bytes']) + (f' (B={kb})' if kb != batch else '') if kym else '-'} | "
+              f"{mib(fast['peak_mem_bytes'])} | {err} |")
+    if cuda and not args.no_lowp:
+        print("\nLow-precision variants are recommended only where max rel err <= 1e-3:")
+        for size, batch, variant, _, _, fast in rows:
+            if variant != "fp32":
+                ok = fast["max_rel_err"] <= 1e-3
+                print(f"  N={size} B={batch} {variant}: {'OK' if ok else 'NOT recommended'} "
+                      f"(max rel err {fast['max_rel_err']:.1e})")
+
+
+if __name__ == "__main__":
+    main()

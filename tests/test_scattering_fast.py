@@ -1,0 +1,228 @@
+"""FastScattering2D equals kymatio's ScatteringTorch2D (values, gradients), caches
+its filter bank on disk, and runs on CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import scatgen.scattering_fast as sf
+from scatgen.scattering_fast import FastScattering2D, compute_padding, load_filter_bank, scattering_channels
+
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def kymatio_cls():
+    # `kymatio.torch` fails to import with scipy >= 1.17; the frontend module works.
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+    return ScatteringTorch2D
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared CPU, OpenMP spinning makes kymatio's
+    many small ops several times slower and the runtime erratic."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# kymatio builds its filters in Python loops (seconds per shape): build each bank once
+# per session, and hand the same one to FastScattering2D (via its kymatio hook).
+_kymatio_modules: dict = {}
+
+
+def _kymatio(cls, J, shape, L):
+    key = (J, tuple(shape), L)
+    if key not in _kymatio_modules:
+        _kymatio_modules[key] = cls(J=J, shape=shape, L=L, max_order=2)
+    return _kymatio_modules[key]
+
+
+@pytest.fixture(autouse=True)
+def shared_filter_banks(monkeypatch, kymatio_cls):
+    """Serve sf._kymatio_filter_bank from the reference modules' filters."""
+    real = sf._kymatio_filter_bank
+
+    def shared(M, N, J, L):
+        for m in _kymatio_modules.values():
+            if (m._M_padded, m._N_padded, m.J, m.L) == (M, N, J, L):
+                return {"phi": m.phi, "psi": m.psi}
+        return real(M, N, J, L)
+
+    monkeypatch.setattr(sf, "_kymatio_filter_bank", shared)
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, J: int, L: int, rtol: float = RTOL) -> None:
+    assert ours.shape == ref.shape
+    rel = ((ours - ref).norm() / ref.norm()).item()
+    assert rel < rtol, f"global relative error {rel:.2e}"
+    # Max-abs error of each channel group (order 0, 1, 2) relative to its own scale.
+    groups = {"order0": slice(0, 1), "order1": slice(1, 1 + J * L), "order2": slice(1 + J * L, None)}
+    for name, sl in groups.items():
+        a, b = ours[..., sl, :, :], ref[..., sl, :, :]
+        if b.numel() == 0:
+            continue
+        err = ((a - b).abs().max() / b.abs().max()).item()
+        assert err < rtol, f"{name}: max-abs relative error {err:.2e}"
+
+
+GRID = [
+    # (J, L, (H, W)): every J in 2..5 and L in {4, 8}, square and non-square, one
+    # side at 128. Kept small: kymatio's filter construction dominates the runtime.
+    (2, 8, (48, 64)),
+    (2, 4, (128, 96)),
+    (3, 4, (32, 64)),
+    (3, 8, (32, 32)),
+    (4, 8, (64, 64)),
+    (4, 4, (48, 64)),
+    (5, 4, (32, 32)),
+]
+
+
+@pytest.mark.parametrize("J,L,shape", GRID, ids=[f"J{J}-L{L}-{h}x{w}" for J, L, (h, w) in GRID])
+def test_equals_kymatio(kymatio_cls, J, L, shape):
+    torch.manual_seed(J * 100 + L)
+    x = torch.rand(1, 2, *shape)  # (B, C, H, W); kymatio's forward is slow, keep it small
+    ref = _kymatio(kymatio_cls, J, shape, L)(x)
+    ours = FastScattering2D(J, shape, L)(x)  # filters shared with `ref` (see fixture)
+    assert ours.shape == (1, 2, scattering_channels(J, L), shape[0] // 2**J, shape[1] // 2**J)
+    assert_close(ours, ref, J, L)
+
+
+def test_small_chunks_and_batch_shapes(kymatio_cls):
+    J, L, shape = 3, 4, (32, 32)
+    x = torch.randn(5, *shape)  # (B, H, W), batch not a multiple of the chunk
+    ref = _kymatio(kymatio_cls, J, shape, L)(x)
+    ours = FastScattering2D(J, shape, L, chunk_size=2)(x)
+    assert_close(ours, ref, J, L)
+    single = FastScattering2D(J, shape, L)(x[0])  # (H, W)
+    assert_close(single, ref[0], J, L)
+
+
+def test_gradient_matches_kymatio(kymatio_cls):
+    J, L, shape = 3, 4, (32, 32)
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, *shape)
+    w = torch.randn(2, 1, scattering_channels(J, L), 4, 4)
+    grads = []
+    for module in (_kymatio(kymatio_cls, J, shape, L), FastScattering2D(J, shape, L)):
+        xi = x.clone().requires_grad_(True)
+        (module(xi) * w).sum().backward()
+        grads.append(xi.grad)
+    rel = ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
+    assert rel < RTOL, rel
+
+
+def test_filters_not_in_state_dict_and_dtype_casts(kymatio_cls):
+    m = FastScattering2D(2, (32, 32), 4)
+    assert len(list(m.buffers())) > 0
+    assert m.state_dict() == {}
+    x = torch.rand(1, 32, 32)
+    ref = m(x)
+    # dtype casts of the module leave the filters alone; devices follow `.to`.
+    m = m.double().half().to("cpu").to(torch.float32)
+    assert {b.dtype for b in m.buffers()} <= {torch.float32, torch.complex64}
+    torch.testing.assert_close(m(x), ref, rtol=0, atol=0)
+    out64 = m(x.double())
+    assert out64.dtype == torch.float64
+    assert_close(out64.float(), ref, 2, 4)
+
+
+@pytest.mark.parametrize("J,shape", [(2, (32, 48)), (4, (64, 64))])
+def test_separable_lowpass_equals_fft_lowpass(J, shape):
+    """The GEMM low-pass R·U·Cᵀ equals kymatio's Re(ifft2(periodise(fft2(U)·φ̂))), unpadded."""
+    padded, _ = compute_padding(*shape, J)
+    bank = load_filter_bank(J, 4, padded)
+    torch.manual_seed(0)
+    for res in range(J):
+        k = 2 ** (J - res)
+        phi = bank[f"phi_{res}"]
+        U = torch.rand(3, *phi.shape)
+        ref = sf.lowpass_fft(U, (phi / k**2).to(torch.complex64), k)
+        ops = sf.lowpass_operators(phi, k)
+        assert ops is not None, "phi is rank-1 up to float32 rounding"
+        ours = sf.lowpass_separable(U, *ops)
+        assert ours.shape == ref.shape == (3, phi.shape[0] // k - 2, phi.shape[1] // k - 2)
+        assert ((ours - ref).norm() / ref.norm()).item() < 1e-6
+
+
+def test_fft_lowpass_fallback_equals_kymatio(monkeypatch, kymatio_cls):
+    monkeypatch.setattr(sf, "lowpass_operators", lambda phi, k: None)
+    J, L, shape = 3, 4, (32, 64)
+    m = FastScattering2D(J, shape, L)
+    assert set(m._lowpass_kind.values()) == {"fft"}
+    x = torch.rand(2, *shape)
+    assert_close(m(x), _kymatio(kymatio_cls, J, shape, L)(x), J, L)
+
+
+def test_rejects_wrong_shape():
+    with pytest.raises(ValueError):
+        FastScattering2D(2, (32, 32), 4)(torch.rand(1, 32, 30))
+    with pytest.raises(ValueError):
+        FastScattering2D(6, (32, 32), 4)
+
+
+def test_filter_cache_hit_and_invalidation(tmp_path, monkeypatch, kymatio_cls):
+    calls = []
+    real = sf._kymatio_filter_bank  # the session-shared banks (fixture), or kymatio
+
+    def counting(M, N, J, L):
+        calls.append((M, N, J, L))
+        return real(M, N, J, L)
+
+    monkeypatch.setattr(sf, "_kymatio_filter_bank", counting)
+    x = torch.rand(1, 32, 32)
+
+    first = FastScattering2D(2, (32, 32), 4, cache_dir=tmp_path)
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert len(calls) == 1 and len(files) == 1
+    assert not list(tmp_path.glob("*.tmp")), "temp file left behind"
+
+    # Hit: a second construction loads from disk, kymatio is not called again.
+    second = FastScattering2D(2, (32, 32), 4, cache_dir=tmp_path)
+    assert len(calls) == 1
+    torch.testing.assert_close(second(x), first(x), rtol=0, atol=0)
+    assert_close(second(x), _kymatio(kymatio_cls, 2, (32, 32), 4)(x), 2, 4)
+
+    # Invalidation: any of J, L or the (padded) shape changes the key and the file.
+    FastScattering2D(3, (32, 32), 4, cache_dir=tmp_path)
+    FastScattering2D(2, (32, 32), 8, cache_dir=tmp_path)
+    FastScattering2D(2, (32, 64), 4, cache_dir=tmp_path)
+    assert len(calls) == 4
+    assert len(list(tmp_path.glob("*.safetensors"))) == 4
+
+    # The loader is a pure function of its arguments plus the cache.
+    padded, _ = compute_padding(32, 32, 2)
+    bank = load_filter_bank(2, 4, padded, tmp_path)
+    assert len(calls) == 4
+    assert bank["psi_0_0"].shape == (4, *padded) and bank["phi_0"].shape == padded
+
+
+def test_corrupt_cache_file_is_rebuilt(tmp_path):
+    FastScattering2D(2, (32, 32), 4, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.safetensors")
+    path.write_bytes(b"garbage")
+    m = FastScattering2D(2, (32, 32), 4, cache_dir=tmp_path)
+    assert m(torch.rand(1, 32, 32)).isfinite().all()
+    assert path.stat().st_size > 100
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("J,L,shape", [(4, 8, (64, 64)), (3, 4, (32, 64))])
+def test_cuda_equals_kymatio(kymatio_cls, J, L, shape):
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, *shape)
+    ref = _kymatio(kymatio_cls, J, shape, L)(x)
+    module = FastScattering2D(J, shape, L).to("cuda")
+    assert all(b.device.type == "cuda" for b in module.buffers())
+    ours = module(x.cuda())
+    assert ours.device.type == "cuda"
+    assert_close(ours.cpu(), ref, J, L)
+    xg = x[:1].cuda().requires_grad_(True)
+    module(xg).sum().backward()
+    assert xg.grad is not None and xg.grad.isfinite().all()
