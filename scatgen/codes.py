@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
+import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors import SafetensorError
@@ -86,9 +90,53 @@ def scatter_batches(scattering: Scattering, loader: DataLoader, device: torch.de
         yield coeffs.reshape(coeffs.shape[0], -1).cpu(), indices
 
 
-def fit_or_load_whitening(cfg: Config, scattering: Scattering, device: torch.device,
-                          progress: bool = True) -> Whitening:
-    """The whitening for cfg, from the cache or fitted on the train split (streamed)."""
+class CoeffSpill:
+    """One pass of scattering coeffs kept in a temporary disk file, so that later passes of the
+    whitening fit, and the train encoding, read them back instead of scattering again.
+
+    RAM stays O(batch); the disk holds n·D float32 values until `close()`.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        fd, self.path = tempfile.mkstemp(prefix=".spill-", suffix=".f32", dir=directory)
+        self.file = os.fdopen(fd, "w+b")
+        self.indices: list[torch.Tensor] = []
+        self.complete = False
+
+    def write_through(self, stream: Iterator[tuple[torch.Tensor, torch.Tensor]]):
+        # A pass abandoned early (the fit peeks at one batch for its shift) starts over.
+        self.file.seek(0)
+        self.file.truncate()
+        self.indices = []
+        for coeffs, indices in stream:
+            self.file.write(coeffs.numpy().astype(np.float32, copy=False).tobytes())
+            self.indices.append(indices)
+            yield coeffs, indices
+        self.file.flush()
+        self.complete = True
+
+    def read(self, dim: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.file.seek(0)
+        for indices in self.indices:
+            values = np.fromfile(self.file, dtype=np.float32, count=len(indices) * dim)
+            yield torch.from_numpy(values).reshape(len(indices), dim), indices
+
+    def close(self) -> None:
+        self.file.close()
+        Path(self.path).unlink(missing_ok=True)
+
+
+def _spill_fits(cfg: Config, scattering: Scattering, num_images: int) -> bool:
+    dim = math.prod(scattering.out_shape)
+    return cfg.whitening.max_images == 0 and num_images * dim * 4 <= cfg.whitening.spill_gb * 1e9
+
+
+def fit_or_load_whitening(cfg: Config, scattering: Scattering, device: torch.device, progress: bool = True,
+                          spill: CoeffSpill | None = None) -> Whitening:
+    """The whitening for cfg, from the cache or fitted on the train split (streamed).
+
+    With a `spill`, the first pass stores the coeffs on disk and the later passes read them."""
     train = build_dataset(cfg.data, "train")
     w = cfg.whitening
     if w.max_images and w.max_images < len(train):
@@ -107,8 +155,16 @@ def fit_or_load_whitening(cfg: Config, scattering: Scattering, device: torch.dev
             warnings.warn(f"ignoring a corrupt whitening cache entry: {e}")
     loader = _loader(train, cfg.encoder.batch_size, cfg.train.num_workers, shard=True)
 
+    dim = math.prod(scattering.out_shape)
+
     def batches() -> Iterator[torch.Tensor]:
-        for coeffs, _ in scatter_batches(scattering, loader, device, "scattering", progress):
+        if spill is not None and spill.complete:
+            stream = spill.read(dim)
+        else:
+            stream = scatter_batches(scattering, loader, device, "scattering", progress)
+            if spill is not None:
+                stream = spill.write_through(stream)
+        for coeffs, _ in stream:
             yield coeffs
 
     meta = dict(J=cfg.encoder.J, L=cfg.encoder.L, image_size=cfg.data.image_size, dataset=identity)
@@ -134,8 +190,10 @@ def _gather(codes: torch.Tensor, indices: torch.Tensor, skipped: int) -> tuple[t
 
 @torch.no_grad()
 def encode_split(cfg: Config, split: str, scattering: Scattering, whitening: Whitening,
-                 device: torch.device, progress: bool = True) -> CodeSet:
-    """Codes of one split, from the cache or computed (sharded across ranks) and stored."""
+                 device: torch.device, progress: bool = True, spill: CoeffSpill | None = None) -> CodeSet:
+    """Codes of one split, from the cache or computed (sharded across ranks) and stored.
+
+    A complete `spill` of this split's coeffs is read instead of scattering again."""
     dataset = build_dataset(cfg.data, split)
     key_parts = dict(version=CACHE_VERSION, dataset=dataset.identity(), J=cfg.encoder.J, L=cfg.encoder.L,
                      d=whitening.d, whitening=whitening.fingerprint())
@@ -146,7 +204,11 @@ def encode_split(cfg: Config, split: str, scattering: Scattering, whitening: Whi
     whitening = whitening.to(device)
     all_codes, all_indices = [], []
     loader = _loader(dataset, cfg.encoder.batch_size, cfg.train.num_workers, shard=True)
-    for coeffs, indices in scatter_batches(scattering, loader, device, f"encoding {split}", progress):
+    if spill is not None and spill.complete:
+        stream = spill.read(math.prod(scattering.out_shape))
+    else:
+        stream = scatter_batches(scattering, loader, device, f"encoding {split}", progress)
+    for coeffs, indices in stream:
         all_codes.append(whitening(coeffs.to(device)).cpu())
         all_indices.append(indices)
     codes = torch.cat(all_codes) if all_codes else torch.empty(0, whitening.d)
@@ -185,6 +247,13 @@ def prepare_codes(cfg: Config, device: torch.device | str = "cpu",
     device = torch.device(device)
     scattering = Scattering(cfg.encoder.J, cfg.data.image_size, cfg.encoder.L, cfg.encoder.backend,
                             cache_dir=cfg.run.cache_dir).to(device)
-    whitening = fit_or_load_whitening(cfg, scattering, device, progress)
-    splits = {s: encode_split(cfg, s, scattering, whitening, device, progress) for s in ("train", "test")}
+    num_train = len(build_dataset(cfg.data, "train"))
+    spill = CoeffSpill(cfg.run.cache_dir) if _spill_fits(cfg, scattering, num_train) else None
+    try:
+        whitening = fit_or_load_whitening(cfg, scattering, device, progress, spill)
+        splits = {s: encode_split(cfg, s, scattering, whitening, device, progress, spill if s == "train" else None)
+                  for s in ("train", "test")}
+    finally:
+        if spill is not None:
+            spill.close()
     return scattering, whitening.cpu(), splits

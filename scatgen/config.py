@@ -45,6 +45,7 @@ class WhiteningConfig:
     oversample: int = 64  # randomized: extra directions in the sketch
     power_iters: int = 2  # randomized: power iterations, each one pass over the data
     max_images: int = 0  # fit on at most this many train images; 0 = all
+    spill_gb: float = 8.0  # keep train coeffs on disk between passes when they take at most this; 0 = rescatter
     eps: float = 1e-6  # eigenvalue floor, relative to the largest eigenvalue
 
 

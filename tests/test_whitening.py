@@ -94,3 +94,4 @@ def test_shape_errors_name_the_problem():
         w.inverse(torch.randn(2, 6))
     with pytest.raises(ValueError, match="between 1 and"):
         fit_whitening(_stream(x), d=31, method="exact", progress=False)
+
