@@ -20,6 +20,9 @@ from scatgen.training import Trainer  # noqa: E402
 CANDIDATES = {
     "k3-nearest-256": {"generator.kernel_size": "3", "generator.upsample": "nearest", "generator.channels": "256"},
     "k3-bilinear-256": {"generator.kernel_size": "3", "generator.upsample": "bilinear", "generator.channels": "256"},
+    "k3-nearest-128": {"generator.kernel_size": "3", "generator.upsample": "nearest", "generator.channels": "128"},
+    "k3-nearest-64": {"generator.kernel_size": "3", "generator.upsample": "nearest", "generator.channels": "64",
+                      "generator.min_channels": "16"},
     "k5-nearest-128": {"generator.kernel_size": "5", "generator.upsample": "nearest", "generator.channels": "128"},
     "k3-transposed-256": {"generator.kernel_size": "3", "generator.upsample": "transposed", "generator.channels": "256"},
     "k7-bilinear-256": {"generator.kernel_size": "7", "generator.upsample": "bilinear", "generator.channels": "256"},

@@ -1,7 +1,11 @@
 import hashlib
+import json
+import os
+import re
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +15,8 @@ from PIL import Image
 from scatgen.config import DataConfig
 from scatgen.data import CorruptImageWarning, build_dataset, collate_skip_none, load_image
 from scatgen.data.polygons import TEST_OFFSET
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _digest(images) -> str:
@@ -24,7 +30,9 @@ def test_polygons_are_deterministic_across_calls_and_processes():
     code = ("import hashlib; from scatgen.config import DataConfig; from scatgen.data import build_dataset; "
             "d = build_dataset(DataConfig(name='polygons', image_size=32, num_train=20, num_test=5), 'train'); "
             "print(hashlib.sha256(b''.join(d[i].numpy().tobytes() for i in range(5))).hexdigest())")
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                           env=env, timeout=120).stdout.strip()
     assert other == here
 
 
@@ -38,8 +46,18 @@ def test_polygons_shapes_range_and_disjoint_splits(size):
     assert not torch.equal(train[0], test[0])
     assert test.global_index(0) == TEST_OFFSET and train.global_index(2) == 2
     assert len(train) == 3 and train.identity() != test.identity()
+    json.dumps(train.identity())
+    assert train.path(0) is None
     with pytest.raises(IndexError):
         train[3]
+
+
+def test_polygons_range_and_variety_over_many_images():
+    cfg = DataConfig(name="polygons", image_size=32, num_train=200, num_test=1)
+    xs = torch.stack([build_dataset(cfg, "train")[i] for i in range(200)])
+    assert xs.min() >= -1 and xs.max() <= 1 and xs.dtype == torch.float32
+    assert len({_digest([x]) for x in xs}) == 200
+    assert (xs.flatten(1).std(dim=1) > 0.02).all()  # every shape contrasts with its background
 
 
 def test_polygons_reject_other_sizes():
@@ -75,14 +93,45 @@ def test_folder_dataset_handles_bad_gray_and_rgba_files(tmp_path):
         assert x.shape == (3, 16, 16)
     gray = train[names["gray.png"]]
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    rgba = train[names["rgba.png"]]
+    assert rgba.min() >= -1 and rgba.max() <= 1
     for bad in ("corrupt.jpg", "truncated.jpg"):
-        with pytest.warns(CorruptImageWarning, match=bad):
+        with pytest.warns(CorruptImageWarning, match=re.escape(str(train.path(names[bad])))):
             assert train[names[bad]] is None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CorruptImageWarning)
         batch = collate_skip_none([train[i] for i in range(len(train))])
     assert batch.shape == (4, 3, 16, 16)
     assert collate_skip_none([None, None]) is None
+    x = torch.zeros(3, 4, 4)
+    images, indices = collate_skip_none([(x, 0), None, (None, 1), (x + 1, 2)])
+    assert images.shape == (2, 3, 4, 4) and indices.tolist() == [0, 2]
+
+
+def test_alpha_is_composited_on_white_and_palette_becomes_rgb(tmp_path):
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[:, :4] = (255, 0, 0, 255)  # opaque red left half, transparent black right half
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    x = load_image(tmp_path / "a.png", 8)
+    assert torch.equal(x[:, :, 4:], torch.ones(3, 8, 4))
+    assert torch.equal(x[:, :, :4], torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 8, 4))
+    Image.new("RGB", (8, 8), (0, 0, 255)).convert("P").save(tmp_path / "p.png")
+    assert torch.allclose(load_image(tmp_path / "p.png", 8)[2], torch.ones(8, 8))
+
+
+def test_folder_identity_tracks_file_changes(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, i, i)).save(root / f"{i}.png")
+    cfg = DataConfig(name="folder", root=str(root), image_size=8, test_fraction=0.0, num_train=0)
+    first = build_dataset(cfg, "train").identity()
+    json.dumps(first)
+    assert first["root"] == str(root.resolve()) and first["count"] == 3
+    assert build_dataset(cfg, "train").identity() == first
+    Image.new("RGB", (9, 9), (50, 0, 0)).save(root / "1.png")
+    os.utime(root / "1.png", ns=(1, 1))
+    assert build_dataset(cfg, "train").identity()["files"] != first["files"]
 
 
 def test_folder_split_is_stable_when_files_are_added(tmp_path):
@@ -138,12 +187,29 @@ def test_celeba_flat_folder_uses_official_numbering(tmp_path):
     assert [p.name for p in build_dataset(cfg, "test").files] == ["182640.jpg"]
 
 
+def test_celeba_other_roots_and_cap(tmp_path):
+    _fake_celeba(tmp_path)
+    for root in (tmp_path / "celeba", tmp_path / "celeba" / "img_align_celeba"):
+        d = build_dataset(DataConfig(name="celeba", root=str(root), image_size=32, num_train=2), "train")
+        assert [p.name for p in d.files] == ["000001.jpg", "000002.jpg"] and d.crop == 140
+        assert d.identity()["count"] == 2 and d.identity()["split"] == "train"
+
+
 def test_celeba_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="img_align_celeba"):
+    with pytest.raises(FileNotFoundError, match="img_align_celeba") as info:
         build_dataset(DataConfig(name="celeba", root=str(tmp_path / "missing")), "train")
+    assert str(tmp_path / "missing") in str(info.value) and "flat folder" in str(info.value)
     (tmp_path / "celeba" / "img_align_celeba").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="list_eval_partition.txt"):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "celeba" / "list_eval_partition.txt"))):
         build_dataset(DataConfig(name="celeba", root=str(tmp_path)), "train")
+    (tmp_path / "celeba" / "list_eval_partition.txt").write_text("000001.jpg 0\n000002.jpg 0\n")
+    with pytest.raises(FileNotFoundError, match="2 train image.*000001.jpg"):
+        build_dataset(DataConfig(name="celeba", root=str(tmp_path)), "train")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (8, 8)).save(flat / "cat.jpg")
+    with pytest.raises(ValueError, match="data.name=folder"):
+        build_dataset(DataConfig(name="celeba", root=str(flat)), "train")
 
 
 def test_load_image_errors(tmp_path):
@@ -155,3 +221,9 @@ def test_load_image_errors(tmp_path):
     Image.new("RGB", (50, 40), (255, 0, 0)).save(tmp_path / "red.png")
     x = load_image(tmp_path / "red.png", 32)
     assert x.shape == (3, 32, 32) and torch.allclose(x[0], torch.ones(32, 32))
+    with pytest.raises(FileNotFoundError):
+        load_image(tmp_path, 32)
+    img = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "exact.png")
+    exact = load_image(tmp_path / "exact.png", 16, crop=8)  # already the size: used as is
+    assert torch.equal(exact, torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1)

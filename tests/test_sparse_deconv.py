@@ -189,3 +189,27 @@ def test_reporting_helpers() -> None:
     assert per_scale_psnr(pyr, pyr) == pytest.approx([106.0206] * 4, abs=1e-3)  # 10·log10(4 / 1e-10): the MSE floor
     noisy = [p + 0.1 for p in pyr]  # MSE 0.01 → 10·log10(4 / 0.01)
     assert per_scale_psnr(noisy, pyr) == pytest.approx([26.0206] * 4, abs=1e-3)
+
+
+def test_train_and_sample_scripts_end_to_end(tmp_path):
+    import json
+
+    from conftest import ROOT, as_args, run_script, tiny_overrides
+
+    overrides = tiny_overrides(tmp_path, generator__kind="sparse_deconv", generator__atoms=8,
+                               generator__hidden=8, generator__z_channels=4)
+    overrides.pop("generator.channels")
+    overrides.pop("generator.min_channels")
+    result = run_script("train.py", str(ROOT / "configs/polygons-sparse.yaml"), *as_args(overrides))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    assert json.loads((run / "model" / "bundle.json").read_text())["generator"] == "sparse_deconv"
+    result = run_script("sample.py", "atoms", str(run), "--out", str(tmp_path / "atoms"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "atoms" / "atoms.json").read_text())
+    assert [s["j"] for s in report["scales"]] == [3, 2, 1]
+    for scale in report["scales"]:
+        assert 0 <= scale["zero_fraction"] <= 1 and scale["atoms"] == 8
+        assert (tmp_path / "atoms" / f"atoms-D{scale['j']}.png").is_file()
+    result = run_script("sample.py", "sample", str(run), "--n", "4", "--out", str(tmp_path / "s"))
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -1,7 +1,11 @@
 """Datasets: polygons (procedural), CelebA and image folders → images (3, N, N) in [-1, 1].
 
-`dataset[i]` is a float32 tensor, or None for an unreadable file (after a
-CorruptImageWarning naming it); `collate_skip_none` drops those from a batch.
+`dataset[i]` is a float32 tensor (3, N, N) with values in [-1, 1], or None for an
+unreadable file (after a CorruptImageWarning naming it); an index out of range
+raises IndexError. `collate_skip_none` drops the Nones from a batch.
+Every dataset has `identity()` (a JSON-able dict of everything that determines
+its images, for cache keys) and `path(i)` (the file, or None for polygons).
+`load_image` reads a user's file with the same preprocessing.
 """
 
 from __future__ import annotations
@@ -10,14 +14,17 @@ from torch.utils.data import Dataset, default_collate
 
 from scatgen.data.celeba import CelebADataset, default_crop
 from scatgen.data.folder import ImageFolderDataset
-from scatgen.data.images import CorruptImageWarning, load_image
+from scatgen.data.images import IMAGE_EXTENSIONS, CorruptImageWarning, FileImageDataset, load_image
 from scatgen.data.polygons import PolygonDataset
 
 SPLITS = ("train", "test")
 
 
 def build_dataset(cfg, split: str) -> Dataset:
-    """The `split` of the dataset that `cfg` (a DataConfig) describes."""
+    """The `split` ("train" or "test") of the dataset that `cfg` (a DataConfig) describes.
+
+    num_train / num_test cap the split's length (first n); 0 = all for celeba/folder.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     limit = cfg.num_train if split == "train" else cfg.num_test
@@ -27,14 +34,25 @@ def build_dataset(cfg, split: str) -> Dataset:
         return CelebADataset(cfg.root, split, cfg.image_size, cfg.crop, limit)
     if cfg.name == "folder":
         return ImageFolderDataset(cfg.root, split, cfg.image_size, cfg.crop, cfg.seed, cfg.test_fraction, limit)
-    raise ValueError(f"data.name must be polygons, celeba or folder, got {cfg.name!r}")
+    raise ValueError(f"data.name must be one of polygons, celeba, folder, got {cfg.name!r}")
+
+
+def effective_crop(cfg) -> int:
+    """The crop a dataset built from `cfg` uses (pass it to load_image to match): celeba's default when 0."""
+    if cfg.name == "celeba" and not cfg.crop:
+        return default_crop(cfg.image_size)
+    return int(cfg.crop)
 
 
 def collate_skip_none(batch: list):
-    """default_collate over the items that are not None (nor tuples holding None); None if none are left."""
+    """DataLoader collate_fn: default_collate over the items that are not None (nor tuples holding a None).
+
+    Items are tensors or tuples of tensors / ints; returns None when nothing is left.
+    """
     kept = [b for b in batch if b is not None and not (isinstance(b, tuple) and any(x is None for x in b))]
     return default_collate(kept) if kept else None
 
 
-__all__ = ["CelebADataset", "CorruptImageWarning", "ImageFolderDataset", "PolygonDataset", "build_dataset",
-           "collate_skip_none", "default_crop", "load_image"]
+__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "CelebADataset", "CorruptImageWarning", "FileImageDataset",
+           "ImageFolderDataset", "PolygonDataset", "build_dataset", "collate_skip_none", "default_crop",
+           "effective_crop", "load_image"]

@@ -1,44 +1,91 @@
-"""Any folder of images, searched recursively: png, jpg, jpeg, webp.
+"""Any folder of images, searched recursively, split by a seeded hash of each path.
 
-Items are float32 tensors (3, N, N) in [-1, 1] (see scatgen.data.images), or None
-for an unreadable file. The split is a seeded hash of each file's relative path, so
-a file keeps its split when others are added or removed.
+``ImageFolderDataset[i]`` is a float32 tensor (3, N, N) in [-1, 1], or None with a
+`CorruptImageWarning` naming the file when it cannot be decoded. ``path(i)`` is
+the file's absolute Path.
+
+* Files: every .png / .jpg / .jpeg / .webp (case-insensitive) under `root`,
+  recursively; names starting with "." (hidden files and folders, e.g. macOS
+  "._x.jpg" resource forks) are skipped; symlinked files are followed,
+  symlinked folders are not. Items are sorted by relative POSIX path.
+* Split: ``u = int.from_bytes(sha256(f"{seed}:{relpath}").digest()[:8], "big") / 2**64``; the file
+  is in "test" when ``u < test_fraction``, else in "train". Membership depends
+  only on (seed, relative path), so adding or removing files never moves
+  existing ones between splits.
+* num_train / num_test keep the first n of the split in sorted order (0 = all).
+* Preprocessing: square centre crop of the shorter side (or of cfg.crop when
+  > 0, clamped to the shorter side), then antialiased LANCZOS resize to N×N.
+  The 140/178 CelebA crop defaults do not apply here.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import warnings
 from pathlib import Path
 
 from scatgen.data.images import IMAGE_EXTENSIONS, FileImageDataset, is_image_file
 
+__all__ = ["ImageFolderDataset", "list_images", "in_test_split"]
+
 
 def in_test_split(relpath: str, seed: int, test_fraction: float) -> bool:
-    """sha256("seed:relpath") read as a number in [0, 1) < test_fraction."""
+    """sha256("seed:relpath") read as a number in [0, 1) < test_fraction (stable when files are added)."""
     digest = hashlib.sha256(f"{seed}:{relpath}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < test_fraction
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < test_fraction
 
 
-def list_images(root: Path) -> list[Path]:
-    return sorted((p for p in root.rglob("*") if p.is_file() and is_image_file(p.name)),
-                  key=lambda p: p.relative_to(root).as_posix())
+def list_images(root: Path, recursive: bool = True) -> list[Path]:
+    """Image files under `root` (see module doc), sorted by relative POSIX path."""
+    found: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")] if recursive else []
+        for name in filenames:
+            if name.startswith(".") or not is_image_file(name):
+                continue
+            p = Path(dirpath, name)
+            if p.is_file():
+                found.append((p.relative_to(root).as_posix(), p))
+    found.sort(key=lambda t: t[0])
+    return [p for _, p in found]
 
 
 class ImageFolderDataset(FileImageDataset):
+    """One split of an image folder (see module doc)."""
+
     name = "folder"
 
-    def __init__(self, root: str | Path, split: str, image_size: int, crop: int = 0, seed: int = 0,
+    def __init__(self, root: str | os.PathLike, split: str, image_size: int, crop: int = 0, seed: int = 0,
                  test_fraction: float = 0.1, limit: int = 0) -> None:
-        root = Path(root).expanduser().resolve()
-        if not root.is_dir():
-            raise FileNotFoundError(f"image folder '{root}' does not exist; set data.root to a folder of "
-                                    f"{', '.join(IMAGE_EXTENSIONS)} files (searched recursively)")
-        files = list_images(root)
-        if not files:
-            raise FileNotFoundError(f"image folder '{root}' holds no {', '.join(IMAGE_EXTENSIONS)} files "
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be one of ['train', 'test'], got {split!r}")
+        if not 0.0 <= test_fraction <= 1.0:
+            raise ValueError(f"folder: test_fraction must be in [0, 1], got {test_fraction}")
+        if image_size <= 0:
+            raise ValueError(f"folder: image_size must be positive, got {image_size}")
+        if limit < 0:
+            raise ValueError(f"folder: num_{split} must be >= 0 (0 = all), got {limit}")
+        exts = ", ".join(IMAGE_EXTENSIONS)
+        if not str(root):
+            raise FileNotFoundError(f"image folder: data.root is empty; set it to a folder of {exts} files "
                                     f"(searched recursively)")
+        root_path = Path(root).expanduser().resolve()
+        if not root_path.is_dir():
+            raise FileNotFoundError(f"image folder '{root_path}' does not exist; set data.root to a folder of "
+                                    f"{exts} files (searched recursively)")
+        files = list_images(root_path)
+        if not files:
+            raise FileNotFoundError(f"image folder '{root_path}' holds no {exts} files (searched recursively; "
+                                    f"case-insensitive; names starting with '.' are skipped)")
+        n_all = len(files)
         want_test = split == "test"
-        files = [f for f in files if in_test_split(f.relative_to(root).as_posix(), seed, test_fraction) == want_test]
+        files = [p for p in files
+                 if in_test_split(p.relative_to(root_path).as_posix(), seed, test_fraction) == want_test]
         if limit:
             files = files[:limit]
-        super().__init__(root, files, split, image_size, crop, seed, extra={"test_fraction": test_fraction})
+        if not files:
+            warnings.warn(f"folder dataset: the {split} split of {root_path} is empty "
+                          f"({n_all} images, test_fraction={test_fraction}, seed={seed})", stacklevel=2)
+        super().__init__(root_path, files, split, image_size, max(int(crop), 0), seed,
+                         extra=dict(test_fraction=float(test_fraction)))

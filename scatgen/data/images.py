@@ -28,6 +28,9 @@ Conventions used by every dataset in `scatgen.data`:
 
 from __future__ import annotations
 
+import hashlib
+import json
+import operator
 import os
 import struct
 import warnings
@@ -47,6 +50,8 @@ __all__ = [
     "try_load_tensor",
     "load_image",
     "is_image_file",
+    "file_list_hash",
+    "FileImageDataset",
 ]
 
 #: File extensions (lower case) recognised as images by the file datasets.
@@ -135,9 +140,11 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image → contiguous float32 tensor (3, H, W) in [-1, 1]."""
     if img.mode != "RGB":
         img = img.convert("RGB")
-    arr = np.array(img, dtype=np.uint8)  # (H, W, 3), a writable copy
-    t = torch.from_numpy(arr).permute(2, 0, 1).to(torch.float32).contiguous()
-    return t.div_(127.5).sub_(1.0)
+    arr = np.asarray(img, dtype=np.uint8)  # (H, W, 3)
+    out = arr.transpose(2, 0, 1).astype(np.float32, order="C")  # a fresh C-contiguous copy
+    np.divide(out, np.float32(127.5), out=out)
+    out -= np.float32(1.0)  # 0 → -1.0, 255 → 1.0 exactly
+    return torch.from_numpy(out)
 
 
 def try_load_tensor(path: Path, image_size: int, crop: int = 0) -> torch.Tensor | None:
@@ -188,8 +195,6 @@ def load_image(path: str | os.PathLike, image_size: int, crop: int = 0) -> torch
 
 def _normalize_index(i, n: int) -> int:
     """Sequence-style index check: negative indices count from the end; else IndexError."""
-    import operator
-
     i = operator.index(i)
     if i < 0:
         i += n
@@ -204,9 +209,6 @@ def file_list_hash(root: Path, files: list[Path]) -> str:
     A file that cannot be stat'ed contributes (path, -1, -1), so its later
     appearance also changes the hash.
     """
-    import hashlib
-    import json
-
     rows = []
     for f in files:
         try:

@@ -40,18 +40,22 @@ TEST_OFFSET = 10**9
 SIZES = (32, 64, 128)
 SUPERSAMPLE = 4
 MIN_CONTRAST = 120.0  # Euclidean RGB distance (of a max ≈ 441.7) between fill and background
-VERSION = 1  # bump when the drawing changes, so caches keyed on identity() invalidate
+VERSION = 2  # bump when the drawing changes, so caches keyed on identity() invalidate
 
 
-def _colours(rng: np.random.Generator) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    bg = rng.integers(0, 256, size=3)
-    for _ in range(32):
-        fg = rng.integers(0, 256, size=3)
-        if float(np.linalg.norm((fg - bg).astype(np.float64))) >= MIN_CONTRAST:
+NUM_COLOUR_TRIES = 16
+
+
+def _colours(u: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Background and fill from 3·(1 + NUM_COLOUR_TRIES) uniforms in [0, 1)."""
+    c = (u * 256).astype(np.int64).reshape(-1, 3).tolist()
+    bg = c[0]
+    for fg in c[1:]:
+        if sum((a - b) ** 2 for a, b in zip(fg, bg)) >= MIN_CONTRAST**2:
             break
     else:  # the opposite corner of the RGB cube: distance >= 128·√3
-        fg = np.where(bg >= 128, 0, 255)
-    return tuple(int(v) for v in bg), tuple(int(v) for v in fg)
+        fg = [0 if v >= 128 else 255 for v in bg]
+    return tuple(bg), tuple(fg)
 
 
 def render_polygon(seed: int, index: int, image_size: int) -> Image.Image:
@@ -59,25 +63,29 @@ def render_polygon(seed: int, index: int, image_size: int) -> Image.Image:
     if image_size not in SIZES:
         raise ValueError(f"polygons: image_size must be one of {SIZES}, got {image_size}")
     rng = np.random.default_rng([int(seed), int(index)])
-    bg, fg = _colours(rng)
-    star = bool(rng.random() < 0.5)
-    k = int(rng.integers(3, 9))  # vertices (convex) or points (star)
-    rotation = rng.random() * 2 * math.pi
+    nc = 3 * (1 + NUM_COLOUR_TRIES)
+    u = rng.random(nc + 7 + 16)  # colours, 7 shape scalars, up to 16 vertex jitters (one draw)
+    bg, fg = _colours(u[:nc])
+    star_u, k_u, rot_u, inner_u, size_u, cx_u, cy_u = u[nc:nc + 7].tolist()
+    jitter = u[nc + 7:]
+    star = bool(star_u < 0.5)
+    k = 3 + int(k_u * 6)  # vertices (convex) or points (star): 3..8
+    rotation = rot_u * 2 * math.pi
     n = 2 * k if star else k
     step = 2 * math.pi / n
-    angles = rotation + step * (np.arange(n) + (rng.random(n) - 0.5) * (0.3 if star else 0.6))
+    angles = rotation + step * (np.arange(n) + (jitter[:n] - 0.5) * (0.3 if star else 0.6))
     if star:
-        inner = 0.3 + 0.3 * rng.random()
-        radii = np.where(np.arange(n) % 2 == 0, 1.0, inner)
+        radii = np.where(np.arange(n) % 2 == 0, 1.0, 0.3 + 0.3 * inner_u)
     else:
         radii = np.ones(n)
     side = image_size * SUPERSAMPLE
-    outer = side * (0.2 + 0.22 * rng.random())
-    cx, cy = outer + rng.random(2) * (side - 2 * outer)
-    xs = cx + outer * radii * np.cos(angles)
-    ys = cy + outer * radii * np.sin(angles)
+    outer = side * (0.2 + 0.22 * size_u)
+    cx = outer + cx_u * (side - 2 * outer)
+    cy = outer + cy_u * (side - 2 * outer)
+    xs = (cx + outer * radii * np.cos(angles)).tolist()
+    ys = (cy + outer * radii * np.sin(angles)).tolist()
     img = Image.new("RGB", (side, side), bg)
-    ImageDraw.Draw(img).polygon([(float(x), float(y)) for x, y in zip(xs, ys)], fill=fg)
+    ImageDraw.Draw(img).polygon(list(zip(xs, ys)), fill=fg)
     return img.reduce(SUPERSAMPLE)
 
 

@@ -18,8 +18,8 @@ from scatgen.generators.base import Generator, GeneratorConfig
 @dataclass
 class GSNConfig(GeneratorConfig):
     kind: str = "gsn"
-    channels: int = 256  # channels at 4×4; halved by each upsampling block
-    min_channels: int = 32  # floor on the halving
+    channels: int = 64  # channels at 4×4; halved by each upsampling block (chosen by benchmarks/architecture_sweep.py)
+    min_channels: int = 16  # floor on the halving
     kernel_size: int = 3  # odd conv kernel size; the original uses 7
     upsample: str = "nearest"  # nearest | bilinear | transposed
     norm: str = "batch"  # batch | group | none
