@@ -10,7 +10,7 @@ growth over the RSS before the first forward); on GPU it is the growth of
 torch.cuda.max_memory_allocated. Throughput: images/s (one image = 3 maps), median
 of --repeats timed forwards after one warm-up forward, under torch.no_grad().
 
-kymatio is ~100x slower than the fast path on CPU, so there it is timed on a
+kymatio is several times slower than the fast path on CPU, so there it is timed on a
 sub-batch of --kymatio-max-batch images (its cost is linear in the batch: every op is
 batched) and the table says so.
 """

@@ -25,12 +25,11 @@ from safetensors import safe_open
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
 from scatgen.config import Config
 from scatgen.data import build_dataset, collate_skip_none
 from scatgen.scattering import Scattering
-from scatgen.utils import atomic_path
+from scatgen.utils import atomic_path, progress_bar
 from scatgen.whitening import Whitening, fit_whitening
 
 CACHE_VERSION = 1
@@ -82,7 +81,7 @@ def _loader(dataset: Dataset, batch_size: int, num_workers: int, shard: bool) ->
 def scatter_batches(scattering: Scattering, loader: DataLoader, device: torch.device,
                     desc: str, progress: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (coeffs (B, D), dataset indices (B,)) per batch of readable images."""
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
+    for batch in progress_bar(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
         if batch is None:
             continue
         images, indices = batch

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
 from scatgen.data import build_dataset, collate_skip_none
 from scatgen.metrics import (
@@ -24,7 +23,7 @@ from scatgen.metrics import (
 )
 from scatgen.pictures import to_unit
 from scatgen.pipeline import Pipeline
-from scatgen.utils import atomic_path
+from scatgen.utils import atomic_path, progress_bar
 
 
 def load_split(pipe: Pipeline, split: str, limit: int = 0, seed: int = 0, data_root: str | None = None) -> Dataset:
@@ -43,7 +42,7 @@ def load_split(pipe: Pipeline, split: str, limit: int = 0, seed: int = 0, data_r
 
 def iterate_images(dataset: Dataset, batch_size: int, desc: str = "", progress: bool = False):
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skip_none)
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for batch in progress_bar(loader, desc=desc, disable=not progress, leave=False):
         if batch is not None:
             yield batch
 
@@ -115,7 +114,7 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
     try:
         net = feature_net if feature_net is not None else load_inception(inception)
         feats = {name: compute_features(net, to_unit(x), batch_size=64)
-                 for name, x in tqdm((("real", real), ("samples", samples), ("recons", recons)),
+                 for name, x in progress_bar((("real", real), ("samples", samples), ("recons", recons)),
                                      desc="inception features", disable=not progress, leave=False)}
         kid = {k: kernel_inception_distance(feats["real"], feats[k], subset_size=min(1000, n_fid)) for k in
                ("samples", "recons")}

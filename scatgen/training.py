@@ -23,7 +23,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from scatgen.bundle import save_bundle
 from scatgen.codes import CodeSet, prepare_codes
@@ -33,7 +32,7 @@ from scatgen.generators import Generator, build_generator
 from scatgen.metrics import psnr
 from scatgen.pictures import grid, pairs_grid, save_png, to_unit
 from scatgen.pipeline import Pipeline, lerp
-from scatgen.utils import atomic_path
+from scatgen.utils import atomic_path, progress_bar
 
 
 class NonFiniteLossError(RuntimeError):
@@ -288,7 +287,7 @@ class Trainer:
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=t.num_workers, collate_fn=collate_skip_none,
                             persistent_workers=False)
         previous_handler = signal.signal(signal.SIGINT, self._request_stop)
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="training",
+        bar = progress_bar(total=self.total_steps, initial=self.step, disable=not self.progress, desc="training",
                    unit="step", dynamic_ncols=True)
         start, paused, resumed_seconds = time.time(), 0.0, self.train_seconds
         images_seen, tic = 0, time.time()
@@ -341,7 +340,7 @@ class Trainer:
                     acc.log(logs, step=self.step)
                     images_seen, tic = 0, time.time()
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
                 # 5. stop?
                 over_time = t.max_minutes > 0 and self.train_seconds > 60 * t.max_minutes
                 if self._any_rank(self._stop_requested or over_time):

@@ -23,9 +23,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
-from scatgen.utils import atomic_path
+from scatgen.utils import atomic_path, progress_bar
 
 EXACT_MAX_DIM = 2048  # above this, `auto` uses the randomized fit: eigh costs O(D³)
 
@@ -151,7 +150,7 @@ def _first_batch_mean(batches: Iterable[torch.Tensor]) -> torch.Tensor:
 
 
 def _pass(batches: Callable[[], Iterable[torch.Tensor]], moments: _Moments, desc: str, progress: bool):
-    for coeffs in tqdm(batches(), desc=desc, disable=not progress, leave=False):
+    for coeffs in progress_bar(batches(), desc=desc, disable=not progress, leave=False):
         moments.add(coeffs)
     return moments.covariance_times_probe()
 

@@ -186,7 +186,7 @@ def test_reporting_helpers() -> None:
         assert grid.ndim == 3 and grid.shape[0] == 3 and grid.min() >= 0 and grid.max() <= 1
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     pyr = lowpass_pyramid(x, 3)
-    assert per_scale_psnr(pyr, pyr) == pytest.approx([106.0206] * 4, abs=1e-3)  # 10·log10(4 / 1e-10): the MSE floor
+    assert per_scale_psnr(pyr, pyr) == [float('inf')] * 4
     noisy = [p + 0.1 for p in pyr]  # MSE 0.01 → 10·log10(4 / 0.01)
     assert per_scale_psnr(noisy, pyr) == pytest.approx([26.0206] * 4, abs=1e-3)
 

@@ -83,6 +83,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from scatgen.generators.base import Generator, GeneratorConfig, regression_loss
+from scatgen.metrics import psnr
 
 
 @dataclass
@@ -410,14 +411,10 @@ def sparsity_statistics(alpha: torch.Tensor) -> dict[str, float]:
 
 def per_scale_psnr(pyramid_pred: list[torch.Tensor], pyramid_true: list[torch.Tensor]) -> list[float]:
     """PSNR in dB per scale (same order as the inputs), images in [-1, 1] (peak-to-peak 2),
-    averaged over images: mean_b 10·log10(4 / MSE_b)."""
+    averaged over images: mean_b 10·log10(4 / MSE_b); identical scales give inf."""
     if len(pyramid_pred) != len(pyramid_true):
         raise ValueError(f"pyramids differ in length: {len(pyramid_pred)} vs {len(pyramid_true)}")
-    out = []
-    for p, t in zip(pyramid_pred, pyramid_true):
-        mse = (p.detach().float() - t.detach().float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-        out.append(float((10 * torch.log10(4.0 / mse)).mean()))
-    return out
+    return [float(psnr(p.detach(), t.detach(), data_range=2.0).mean()) for p, t in zip(pyramid_pred, pyramid_true)]
 
 
 @torch.no_grad()
