@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from conftest import tiny_overrides
@@ -48,7 +49,8 @@ def test_truncated_cache_entry_is_recomputed(tmp_path):
     _, _, first = prepare_codes(_cfg(tmp_path), progress=False)
     entry = next((tmp_path / "cache").glob("codes-train-*.safetensors"))
     entry.write_bytes(entry.read_bytes()[:100])  # what a killed non-atomic writer would leave
-    _, _, again = prepare_codes(_cfg(tmp_path), progress=False)
+    with pytest.warns(UserWarning, match="corrupt code cache entry .*recomputing"):
+        _, _, again = prepare_codes(_cfg(tmp_path), progress=False)
     assert torch.equal(first["train"].codes, again["train"].codes)
 
 
