@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -151,8 +152,11 @@ class Trainer:
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() else "no"
         self.paths = RunPaths(Path(cfg.run.out_dir))
+        # accelerate only sets up a multi-process CPU run (gloo) when told cpu=True; without it
+        # each process of `torchrun`/`accelerate launch` would silently train alone.
+        multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         self.accelerator = Accelerator(
-            mixed_precision=mp, log_with="tensorboard",
+            cpu=multi_cpu, mixed_precision=mp, log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.paths.root), logging_dir=str(self.paths.logs)),
         )
         self.progress = progress and self.accelerator.is_main_process
@@ -355,7 +359,7 @@ class Trainer:
             raise KeyboardInterrupt
         if acc.is_main_process:
             metrics = self.evaluate()
-            metrics.update(steps=self.step, minutes=(time.time() - start) / 60, train_minutes=self.train_seconds / 60,
+            metrics.update(steps=self.step, num_processes=acc.num_processes, minutes=(time.time() - start) / 60, train_minutes=self.train_seconds / 60,
                            history=self.history)
             generator = acc.unwrap_model(self.model)
             save_bundle(self.paths.model, generator, self.whitening, cfg)

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, as_args, run_script, tiny_overrides
 from scatgen.bundle import load_bundle, save_bundle
+from scatgen.codes import prepare_codes
 from scatgen.config import load_config
 from scatgen.training import NonFiniteLossError, Trainer, lr_factor, noisy_codes
 
@@ -125,13 +126,24 @@ def test_lr_schedule_and_code_noise():
     torch.testing.assert_close(mixed.var(0), torch.ones(4), atol=0.05, rtol=0)
 
 
-def test_two_processes_write_exactly_one_bundle(tmp_path):
+def test_two_processes_train_together_and_write_exactly_one_bundle(tmp_path):
     overrides = tiny_overrides(tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            "train.py", str(ROOT / "configs/polygons.yaml"), *as_args(overrides)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
+    # One job of two ranks, not two independent single-process runs.
+    assert json.loads((tmp_path / "run/metrics.json").read_text())["num_processes"] == 2
+    assert result.stdout.count("test PSNR") == 1
+    checkpoints = sorted((tmp_path / "run/checkpoints").glob("step-*"))
+    assert {p.name for p in checkpoints[-1].glob("random_states_*")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert not list((tmp_path / "run/checkpoints").glob(".tmp-*"))
     bundles = list((tmp_path / "run").rglob("bundle.json"))
     assert len(bundles) == 1
     generator, whitening, cfg = load_bundle(bundles[0].parent)
     assert whitening.d == 32
+    # Statistics summed over the ranks' shards give the single-process whitening.
+    single = load_config(ROOT / "configs/polygons.yaml", {**overrides, "run.cache_dir": str(tmp_path / "cache1")})
+    _, reference, _ = prepare_codes(single, "cpu", progress=False)
+    torch.testing.assert_close(whitening.mean, reference.mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(whitening.eigenvalues, reference.eigenvalues, rtol=1e-3, atol=1e-6)
