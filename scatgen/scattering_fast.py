@@ -29,6 +29,7 @@ state_dict), and follow the module across devices.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -169,7 +170,7 @@ def load_filter_bank(
 # ------------------------------------------------------------------------------ maths
 
 
-def alias_product(X: torch.Tensor, filt: torch.Tensor, k: int) -> torch.Tensor:
+def alias_product(X: torch.Tensor, filt: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Filter multiply fused with the k×k spectral periodisation.
 
     X: (..., k·m, k·n) complex spectrum; filt: (F, k·m, k·n), already /k² (complex
@@ -179,7 +180,8 @@ def alias_product(X: torch.Tensor, filt: torch.Tensor, k: int) -> torch.Tensor:
         out[..., f, u, v] = Σ_{a,b<k} X[..., u + a·m, v + b·n] · filt[f, u + a·m, v + b·n]
 
     i.e. for each output frequency (u, v) a (batch × k²) @ (k² × F) product, so the
-    (..., F, k·m, k·n) full-size product is never materialised.
+    (..., F, k·m, k·n) full-size product is never materialised. ``out`` (no autograd)
+    is an optional preallocated result for k ≤ 2.
     """
     *batch, M, N = X.shape
     F = filt.shape[0]
@@ -188,7 +190,8 @@ def alias_product(X: torch.Tensor, filt: torch.Tensor, k: int) -> torch.Tensor:
     prealloc = not (torch.is_grad_enabled() and (X.requires_grad or filt.requires_grad))
     if k == 1:
         if prealloc:
-            out = torch.empty(*batch, F, M, N, dtype=X.dtype, device=X.device)
+            if out is None:
+                out = torch.empty(*batch, F, M, N, dtype=X.dtype, device=X.device)
             return torch.mul(X.unsqueeze(-3), filt, out=out)
         return X.unsqueeze(-3) * filt
     m, n = M // k, N // k
@@ -197,7 +200,9 @@ def alias_product(X: torch.Tensor, filt: torch.Tensor, k: int) -> torch.Tensor:
         # the GEMM, whose (u, v)-major result needs a slow transposing copy.
         Xv, fv = X.reshape(-1, 1, 2, m, 2, n), filt.reshape(F, 2, m, 2, n)
         if prealloc:
-            out = torch.empty(Xv.shape[0], F, m, n, dtype=X.dtype, device=X.device)
+            if out is None:
+                out = torch.empty(Xv.shape[0], F, m, n, dtype=X.dtype, device=X.device)
+            out = out.view(Xv.shape[0], F, m, n)
             torch.mul(Xv[:, :, 0, :, 0], fv[:, 0, :, 0], out=out)
         else:
             out = Xv[:, :, 0, :, 0] * fv[:, 0, :, 0]
@@ -230,17 +235,17 @@ class _Modulus(torch.autograd.Function):
         return z * scale
 
 
-def modulus(z: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+def modulus(z: torch.Tensor, overwrite: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """|z|: (...) complex → (...) real, with a zero subgradient at 0.
 
     overwrite=True lets it square z in place (z is then garbage) when no gradient
-    is needed, saving a full-size allocation.
+    is needed, saving a full-size allocation; ``out`` is an optional result buffer.
     """
     if torch.is_grad_enabled() and z.requires_grad:
         return _Modulus.apply(z)
     zr = torch.view_as_real(z)
     sq = zr.square_() if overwrite else zr.square()
-    return torch.add(sq[..., 0], sq[..., 1]).sqrt_()
+    return torch.add(sq[..., 0], sq[..., 1], out=out).sqrt_()
 
 
 def lowpass_fft(U: torch.Tensor, phi: torch.Tensor, k: int) -> torch.Tensor:
@@ -336,6 +341,7 @@ class FastScattering2D(nn.Module):
         self.padded_shape, self.pads = compute_padding(M, N, J)
         self.out_shape = (self.padded_shape[0] // 2**J - 2, self.padded_shape[1] // 2**J - 2)
         self.chunk_size = chunk_size
+        self._scratch: dict[str, torch.Tensor] = {}
 
         bank = load_filter_bank(J, L, self.padded_shape, cache_dir)
         buf = lambda name, t: self.register_buffer(name, t.contiguous(), persistent=False)  # noqa: E731
@@ -389,25 +395,51 @@ class FastScattering2D(nn.Module):
         per_map = 8 * max(self.L * Mp * Np, self.L * self.L * Mp * Np // 4)
         return max(1, (8 << 20) // per_map)
 
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """A reusable scratch tensor (None when autograd is on).
+
+        Chunks run one after another and every intermediate dies within its chunk, so the
+        large ones are written into the same memory each time: on CPU, fresh multi-MB
+        allocations cost page faults comparable to the arithmetic itself.
+        """
+        if torch.is_grad_enabled():
+            return None
+        numel = math.prod(shape)
+        buf = self._scratch.get(name)
+        # Inference tensors may not be written outside inference mode (and vice versa).
+        if (buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device
+                or buf.is_inference() != torch.is_inference_mode_enabled()):
+            buf = self._scratch[name] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
+
     def _scatter(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, M, N) real → (B, K, M/2^J, N/2^J)."""
         J, L = self.J, self.L
         B = x.shape[0]
+        cplx, dev = torch.complex64, x.device
         xp = reflect_pad(x, self.pads)  # (B, Mp, Np)
         out = [self._lowpass(xp, 0)[:, None]]  # order 0: (B, 1, m, n)
         X = torch.fft.fft2(xp)  # (B, Mp, Np) complex
         order2: list[torch.Tensor] = []
         for j1 in range(J):
             # |x ∗ ψ_{j1,θ1}| subsampled by 2^j1, all θ1 at once: (B, L, Mp/2^j1, Np/2^j1)
-            U1 = modulus(torch.fft.ifft2(alias_product(X, getattr(self, f"psi1_{j1}"), 2**j1)), overwrite=True)
+            shape1 = (B, L, X.shape[-2] >> j1, X.shape[-1] >> j1)
+            Y1 = alias_product(X, getattr(self, f"psi1_{j1}"), 2**j1, out=self._buffer("Y", shape1, cplx, dev))
+            U1 = modulus(torch.fft.ifft2(Y1), overwrite=True, out=self._buffer("U1", shape1, torch.float32, dev))
             out.append(self._lowpass(U1, j1))  # (B, L, m, n)
             if j1 == J - 1:
                 continue
-            U1_hat = torch.fft.fft2(U1)
+            # fft2 of a real tensor first copies it to complex; reuse that copy's memory.
+            U1c = self._buffer("U1c", shape1, cplx, dev)
+            U1_hat = torch.fft.fft2(U1 if U1c is None else U1c.copy_(U1))
             per_j2 = []
             for j2 in range(j1 + 1, J):
                 # ||x ∗ ψ1| ∗ ψ_{j2,θ2}| for all (θ1, θ2): (B, L, L, Mp/2^j2, Np/2^j2)
-                U2 = modulus(torch.fft.ifft2(alias_product(U1_hat, getattr(self, f"psi2_{j1}_{j2}"), 2 ** (j2 - j1))), overwrite=True)
+                k = 2 ** (j2 - j1)
+                shape2 = (B, L, L, U1.shape[-2] // k, U1.shape[-1] // k)
+                Y2 = alias_product(U1_hat, getattr(self, f"psi2_{j1}_{j2}"), k,
+                                   out=self._buffer("Y", shape2, cplx, dev) if k <= 2 else None)
+                U2 = modulus(torch.fft.ifft2(Y2), overwrite=True, out=self._buffer("U2", shape2, torch.float32, dev))
                 per_j2.append(self._lowpass(U2, j2))  # (B, L, L, m, n)
             # kymatio order: θ1 outer, then (j2, θ2).
             S2 = torch.stack(per_j2, dim=2)  # (B, L, J−1−j1, L, m, n)

@@ -103,6 +103,25 @@ def test_small_chunks_and_batch_shapes(kymatio_cls):
     assert_close(single, ref[0], J, L)
 
 
+def test_scratch_reuse_across_calls_and_modes(kymatio_cls):
+    """Without autograd the large intermediates live in reused scratch memory: calls of
+    different batch sizes, in inference mode and out of it, must not disturb each other."""
+    J, L, shape = 3, 4, (32, 32)
+    module = FastScattering2D(J, shape, L, chunk_size=3)
+    x = torch.randn(7, *shape)
+    ref = _kymatio(kymatio_cls, J, shape, L)(x)
+    with torch.inference_mode():
+        first = module(x)
+        small = module(x[:2])
+    with torch.no_grad():
+        again = module(x[1:])
+    assert module._scratch  # the scratch path was taken
+    assert_close(first, ref, J, L)
+    assert_close(small, ref[:2], J, L)
+    assert_close(again, ref[1:], J, L)
+    assert_close(first, module(x), J, L)  # and the autograd path agrees
+
+
 def test_gradient_matches_kymatio(kymatio_cls):
     J, L, shape = 3, 4, (32, 32)
     torch.manual_seed(0)
