@@ -1,7 +1,8 @@
 """Choose the default GSN architecture by measurement: test PSNR after a fixed CPU budget.
 
 Every candidate trains on the same cached codes of configs/polygons.yaml for the same
-wall-clock budget; the script prints a table sorted by test PSNR.
+wall-clock budget (its learning rate decays over that budget); the script prints a table
+sorted by test PSNR.
 
     python benchmarks/architecture_sweep.py --minutes 3
 """
@@ -23,6 +24,11 @@ CANDIDATES = {
     "k3-nearest-128": {"generator.kernel_size": "3", "generator.upsample": "nearest", "generator.channels": "128"},
     "k3-nearest-64": {"generator.kernel_size": "3", "generator.upsample": "nearest", "generator.channels": "64",
                       "generator.min_channels": "16"},
+    # training recipes around the default architecture
+    "k3-nearest-64-l2": {"generator.channels": "64", "generator.min_channels": "16", "train.loss": "l2"},
+    "k3-nearest-64-b128": {"generator.channels": "64", "generator.min_channels": "16", "train.batch_size": "128",
+                           "train.lr": "3e-3"},
+    "k3-nearest-96": {"generator.channels": "96", "generator.min_channels": "16"},
     "k5-nearest-128": {"generator.kernel_size": "5", "generator.upsample": "nearest", "generator.channels": "128"},
     "k3-transposed-256": {"generator.kernel_size": "3", "generator.upsample": "transposed", "generator.channels": "256"},
     "k7-bilinear-256": {"generator.kernel_size": "7", "generator.upsample": "bilinear", "generator.channels": "256"},

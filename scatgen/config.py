@@ -55,7 +55,7 @@ class TrainConfig:
     lr: float = 1e-3  # Adam learning rate
     betas: tuple[float, float] = (0.9, 0.999)  # Adam betas
     weight_decay: float = 0.0  # Adam (decoupled) weight decay
-    schedule: str = "cosine"  # constant | cosine | linear; decays after warmup
+    schedule: str = "cosine"  # constant | cosine | linear; decays after warmup, over max_steps or max_minutes, whichever ends first
     warmup_steps: int = 100  # linear warmup, steps
     batch_size: int = 128  # images per step per process
     max_steps: int = 2000  # optimizer steps; 0 = use epochs

@@ -82,11 +82,15 @@ class StepBatches(torch.utils.data.Sampler):
             yield perm[first:first + self.batch_size].tolist()
 
 
-def lr_factor(step: int, cfg: Config, total: int) -> float:
+def lr_factor(step: int, cfg: Config, total: int, train_seconds: float = 0.0) -> float:
+    """Warmup, then decay over whichever budget binds first: `total` steps or `max_minutes`,
+    so that a run cut by the clock still ends at a low learning rate."""
     t = cfg.train
     if step < t.warmup_steps:
         return (step + 1) / t.warmup_steps
     progress = (step - t.warmup_steps) / max(1, total - t.warmup_steps)
+    if t.max_minutes > 0:
+        progress = max(progress, train_seconds / (60 * t.max_minutes))
     if t.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     if t.schedule == "linear":
@@ -179,12 +183,12 @@ class Trainer:
         generator = build_generator(cfg.generator, code_dim=self.whitening.d, image_size=cfg.data.image_size,
                                     J=cfg.encoder.J, L=cfg.encoder.L)
         optimizer = torch.optim.AdamW(generator.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        self.train_seconds = 0.0  # wall-clock time in training steps, evaluation excluded
         # Stepped by hand: accelerate's wrapper would step it once per process.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, self.total_steps, self.train_seconds))
         self.model, self.optimizer = self.accelerator.prepare(generator, optimizer)
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.step = 0
-        self.train_seconds = 0.0  # wall-clock time in training steps, evaluation excluded
         self.history: list[dict[str, float]] = []  # test PSNR against step and train_seconds
         self._stop_requested = False
 

@@ -113,6 +113,12 @@ def test_lr_schedule_and_code_noise():
     assert lr_factor(0, cfg, 100) == pytest.approx(0.1)
     assert lr_factor(10, cfg, 100) == pytest.approx(1.0)
     assert lr_factor(100, cfg, 100) == pytest.approx(0.0, abs=1e-9)
+    # With a wall-clock budget the decay follows whichever of steps and minutes is further along.
+    timed = load_config(None, {"train.warmup_steps": "10", "train.schedule": "cosine", "train.max_minutes": "2"})
+    assert lr_factor(10, timed, 1000, train_seconds=60) == pytest.approx(0.5)
+    assert lr_factor(10, timed, 1000, train_seconds=120) == pytest.approx(0.0, abs=1e-9)
+    assert lr_factor(505, timed, 1000, train_seconds=1) == pytest.approx(0.5)
+    assert lr_factor(10, cfg, 1000, train_seconds=1e6) == pytest.approx(1.0)  # no budget: time is ignored
     codes = torch.randn(20000, 4) * torch.tensor([1.0, 0.5, 0.1, 1.0])
     variances = codes.var(0)
     noisy = noisy_codes(codes, variances, level=0.0, seed=1)
