@@ -348,7 +348,9 @@ class Trainer:
                     acc.log(logs, step=self.step)
                     images_seen, tic = 0, time.time()
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                # The step total overstates the run when the wall-clock budget ends it first.
+                budget = {"min": f"{self.train_seconds / 60:.1f}/{t.max_minutes:g}"} if t.max_minutes > 0 else {}
+                bar.set_postfix(loss=f"{loss.item():.4f}", **budget, refresh=False)
                 # 5. stop?
                 over_time = t.max_minutes > 0 and self.train_seconds > 60 * t.max_minutes
                 if self._any_rank(self._stop_requested or over_time):
