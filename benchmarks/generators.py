@@ -28,6 +28,8 @@ CONFIGS = {
     "sparse_deconv-cnn": ("configs/polygons-sparse.yaml", {"generator.coder": "cnn"}),
     # noise-augmented codes: does the sample FID move towards the reconstruction FID?
     "gsn-code-noise-0.25": ("configs/polygons.yaml", {"train.code_noise": "0.25"}),
+    # a shorter code: fewer directions for N(0, I) sampling to get wrong, less detail to reconstruct
+    "gsn-d128": ("configs/polygons.yaml", {"whitening.d": "128"}),
 }
 
 
