@@ -65,6 +65,16 @@ def test_atom_sizes_double_exactly(k: int) -> None:
     assert g.generate(torch.randn(2, D)).shape == (2, 3, 32, 32)
 
 
+def train_step(g, z: torch.Tensor, x: torch.Tensor, opt: torch.optim.Optimizer) -> float:
+    """One optimizer step as the trainer takes it, atom renormalisation included."""
+    _, loss = g(z, x)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    g.after_optimizer_step()
+    return loss.item()
+
+
 @pytest.mark.parametrize("coder", ["cnn", "lista"])
 def test_atoms_stay_unit_norm_after_optimizer_steps(coder: str) -> None:
     g = make(32, 3, coder=coder)
@@ -72,11 +82,7 @@ def test_atoms_stay_unit_norm_after_optimizer_steps(coder: str) -> None:
     z, x = torch.randn(4, D), torch.rand(4, 3, 32, 32) * 2 - 1
     before = [d.weight.detach().clone() for d in g.dictionaries()]
     for _ in range(4):
-        _, loss = g(z, x)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        g.after_optimizer_step()
+        train_step(g, z, x, opt)
         for d in g.dictionaries():
             norms = d.weight.detach().flatten(1).norm(dim=1)  # stored weights, not just the forward view
             torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-5, rtol=0)
@@ -158,14 +164,7 @@ def test_tiny_overfit(coder: str) -> None:
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 16), torch.linspace(-1, 1, 16), indexing="ij")
     x = torch.stack([torch.stack([torch.sin(3 * a * xx + b * yy) for b in (1, 2, 3)]) for a in torch.rand(8)]) * 0.8
     opt = torch.optim.Adam(g.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(20):
-        _, loss = g(z, x)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        g.after_optimizer_step()
-        losses.append(loss.item())
+    losses = [train_step(g, z, x, opt) for _ in range(20)]
     assert losses[-1] < 0.6 * losses[0]
 
 
