@@ -322,6 +322,9 @@ class FastScattering2D(nn.Module):
         cache_dir: directory for the on-disk filter cache (None: no disk cache).
         chunk_size: images (maps) per batch chunk; None picks a cache-friendly
             size on CPU and the whole batch on CUDA.
+
+    Without autograd the module reuses scratch memory across calls, so one instance
+    must not run in several threads at once (processes, e.g. DataLoader workers, are fine).
     """
 
     def __init__(
@@ -389,11 +392,11 @@ class FastScattering2D(nn.Module):
         if device.type != "cpu":
             return 1 << 30
         # Largest intermediate per map: the (L, L, Mp/2, Np/2) complex order-2 tensor
-        # (or (L, Mp, Np) at order 1); keep it ~8 MB so FFTs stay in cache and the
-        # allocator reuses memory instead of page-faulting (measured best on CPU).
+        # (or (L, Mp, Np) at order 1); keep it ~8 MB so that peak memory stays low, but
+        # take at least 4 maps: at 128² fewer maps leave the per-op overhead dominant.
         Mp, Np = self.padded_shape
         per_map = 8 * max(self.L * Mp * Np, self.L * self.L * Mp * Np // 4)
-        return max(1, (8 << 20) // per_map)
+        return max(4, (8 << 20) // per_map)
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
         """A reusable scratch tensor (None when autograd is on).
