@@ -284,6 +284,19 @@ class Trainer:
             return flag
         return bool(self.accelerator.reduce(torch.tensor(float(flag), device=self.accelerator.device), "sum") > 0)
 
+    def _should_stop(self) -> bool:
+        """Ctrl-C on any rank, or the wall-clock budget spent. One collective per step: every
+        rank also adopts the largest elapsed time, so the time-based learning rate (and the
+        step at which the budget ends the run) is the same on all ranks."""
+        stop, seconds = self._stop_requested, self.train_seconds
+        if self.accelerator.num_processes > 1:
+            flags = torch.tensor([float(stop), seconds], dtype=torch.float64, device=self.accelerator.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            stop, seconds = bool(flags[0] > 0), float(flags[1])
+            self.train_seconds = seconds
+        max_minutes = self.cfg.train.max_minutes
+        return stop or (max_minutes > 0 and seconds > 60 * max_minutes)
+
     def train(self) -> dict[str, float]:
         cfg, t, acc = self.cfg, self.cfg.train, self.accelerator
         if cfg.run.resume:
@@ -352,8 +365,7 @@ class Trainer:
                 budget = {"min": f"{self.train_seconds / 60:.1f}/{t.max_minutes:g}"} if t.max_minutes > 0 else {}
                 bar.set_postfix(loss=f"{loss.item():.4f}", **budget, refresh=False)
                 # 5. stop?
-                over_time = t.max_minutes > 0 and self.train_seconds > 60 * t.max_minutes
-                if self._any_rank(self._stop_requested or over_time):
+                if self._should_stop():
                     break
         finally:
             signal.signal(signal.SIGINT, previous_handler)
