@@ -323,7 +323,9 @@ class Trainer:
                 if self.step % t.checkpoint_every == 0 and self.step > 0:
                     self.save_checkpoint()
                 paused += time.time() - pause
-                if batch is None:  # every image of this batch became unreadable since encoding
+                # Every image of this batch became unreadable since encoding: skip the step, on
+                # all ranks together so that their collectives stay in step.
+                if self._any_rank(batch is None):
                     self.step += 1
                     continue
                 codes, images = batch

@@ -1,5 +1,6 @@
 import json
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -134,7 +135,10 @@ def test_lr_schedule_and_code_noise():
 
 def test_two_processes_train_together_and_write_exactly_one_bundle(tmp_path):
     overrides = tiny_overrides(tmp_path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    with socket.socket() as probe:  # a free port: a fixed one collides with any other run on the machine
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "train.py", str(ROOT / "configs/polygons.yaml"), *as_args(overrides)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
