@@ -37,8 +37,10 @@ def main(argv: list[str]) -> int:
         print(f"test PSNR {metrics['test/psnr']:.2f} dB after {metrics['steps']} steps "
               f"({metrics['minutes']:.1f} min)")
         print(f"bundle:   {trainer.paths.model}")
-        print(f"pictures: {trainer.paths.images}/{{reconstructions,samples,interpolation}}.png")
+        print(f"pictures: {trainer.paths.images}/{{reconstructions,samples,samples-by-prior,interpolation}}.png")
         print(f"logs:     tensorboard --logdir {trainer.paths.logs}")
+        print(f"next:     python sample.py evaluate {trainer.paths.root}   (PSNR, FID, precision/recall; "
+              f"raw G against refined)")
     return 0
 
 

@@ -5,6 +5,7 @@
       whitening.safetensors   μ, U, Λ and their metadata
       config.yaml             the resolved training config
       bundle.json             format version and the shapes that must agree
+      priors/KIND.safetensors the fitted code priors (optional; without one, sampling uses N(0, I))
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from scatgen.config import Config, config_from_dict, config_to_dict
 from scatgen.generators import Generator, build_generator
+from scatgen.prior import CodePrior, load_prior, save_prior
 from scatgen.utils import atomic_path
 from scatgen.whitening import Whitening
 
@@ -32,7 +34,7 @@ def bundle_info(cfg: Config, whitening: Whitening) -> dict[str, Any]:
 
 
 def save_bundle(path: str | Path, generator: Generator, whitening: Whitening, cfg: Config,
-                extra: dict[str, Any] | None = None) -> Path:
+                extra: dict[str, Any] | None = None, priors: list[CodePrior] | None = None) -> Path:
     """Write the bundle directory atomically and return its path."""
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
@@ -44,7 +46,27 @@ def save_bundle(path: str | Path, generator: Generator, whitening: Whitening, cf
         info = dict(bundle_info(cfg, whitening), num_parameters=sum(p.numel() for p in generator.parameters()),
                     **(extra or {}))
         (tmp / "bundle.json").write_text(json.dumps(info, indent=2))
+        for prior in priors or []:
+            save_prior(prior, tmp / "priors" / f"{prior.kind}.safetensors")
     return path
+
+
+def add_prior(path: str | Path, prior: CodePrior) -> Path:
+    """Write (or replace) one prior inside an existing bundle, atomically."""
+    path = find_bundle(path)
+    return save_prior(prior, path / "priors" / f"{prior.kind}.safetensors")
+
+
+def load_priors(path: str | Path) -> dict[str, CodePrior]:
+    """{kind: prior} for every prior the bundle holds; {} for a bundle saved without one."""
+    folder = find_bundle(path) / "priors"
+    priors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        prior = load_prior(file)
+        if prior.kind != file.stem:
+            raise ValueError(f"prior file '{file}' holds a '{prior.kind}' prior; rename it {prior.kind}.safetensors")
+        priors[prior.kind] = prior
+    return priors
 
 
 def find_bundle(path: str | Path) -> Path:

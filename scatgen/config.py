@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -74,6 +75,31 @@ class TrainConfig:
 
 
 @dataclass
+class PriorConfig:
+    kind: str = "flow"  # normal | gmm | flow: the code prior train.py fits and sampling uses by default
+    dims: int = 64  # gmm, flow: leading code components modelled, the rest drawn from N(0, I); 0 = all
+    components: int = 10  # gmm: mixture components
+    covariance: str = "full"  # gmm: full | diag
+    width: int = 512  # flow: hidden width of the velocity MLP
+    depth: int = 3  # flow: residual blocks
+    fit_steps: int = 3000  # flow: optimizer steps
+    batch_size: int = 256  # flow: codes per step
+    lr: float = 1e-3  # flow: AdamW learning rate, cosine-decayed
+    sample_steps: int = 32  # flow: Heun steps from noise to code
+
+
+@dataclass
+class RefineConfig:
+    steps: int = 50  # gradient evaluations on the scattering mismatch; 0 = raw G(z)
+    optimizer: str = "lbfgs"  # lbfgs (per image, Armijo line search) | adam
+    lr: float = 0.01  # adam only: step size, in pixels of [-1, 1]
+    weighting: float = 0.5  # α: code objective weighs PCA coordinate k by λ_k^-α; 0 = PCA, 1 = whitened
+    anchor: float = 1.0  # β: keeps the D − d coefficients a code does not fix near G's; 0 = free
+    tv: float = 0.0  # total-variation weight against artefacts
+    batch_size: int = 64  # images refined at once (results do not depend on it)
+
+
+@dataclass
 class RunConfig:
     out_dir: str = "runs/polygons"  # run directory
     cache_dir: str = ".cache/scatgen"  # code and filter cache
@@ -88,6 +114,8 @@ class Config:
     whitening: WhiteningConfig = field(default_factory=WhiteningConfig)
     generator: Any = None  # a generator's own config dataclass, picked by `kind`
     train: TrainConfig = field(default_factory=TrainConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
@@ -104,6 +132,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.loss": ("l1", "l2"),
     "train.schedule": ("constant", "cosine", "linear"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "prior.kind": ("normal", "gmm", "flow"),
+    "prior.covariance": ("full", "diag"),
+    "refine.optimizer": ("adam", "lbfgs"),
 }
 
 
@@ -272,7 +303,7 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ValueError(f"config key '{key}': got {value!r}, expected one of {', '.join(choices)}")
-    d, e, w, t = cfg.data, cfg.encoder, cfg.whitening, cfg.train
+    d, e, w, t, p, r = cfg.data, cfg.encoder, cfg.whitening, cfg.train, cfg.prior, cfg.refine
     checks = [
         (d.image_size >= 8 and d.image_size % (2**e.J) == 0,
          f"data.image_size={d.image_size} must be a multiple of 2^J={2**e.J} (encoder.J={e.J})"),
@@ -294,6 +325,14 @@ def validate(cfg: Config) -> None:
         (t.max_steps > 0 or t.epochs > 0, "set train.max_steps > 0 or train.epochs > 0"),
         (min(t.eval_every, t.log_every, t.checkpoint_every, t.keep_checkpoints) > 0,
          "train.eval_every, log_every, checkpoint_every and keep_checkpoints must be > 0"),
+        (min(p.components, p.width, p.depth, p.fit_steps, p.batch_size, p.sample_steps) > 0,
+         "prior.components, width, depth, fit_steps, batch_size and sample_steps must be > 0"),
+        (math.isfinite(p.lr) and p.lr > 0, f"prior.lr={p.lr} must be a finite number > 0"),
+        (p.dims >= 0, f"prior.dims={p.dims} must be >= 0 (0, or more than whitening.d, models all components)"),
+        (r.steps >= 0, f"refine.steps={r.steps} must be >= 0 (0 turns refinement off)"),
+        (r.batch_size > 0, f"refine.batch_size={r.batch_size} must be > 0"),
+        (all(math.isfinite(v) and v >= 0 for v in (r.lr, r.weighting, r.anchor, r.tv)) and r.lr > 0,
+         "refine.lr must be > 0, and refine.weighting, anchor and tv >= 0 (all finite)"),
         (cfg.run.resume in ("", "latest") or Path(cfg.run.resume).exists(),
          f"run.resume='{cfg.run.resume}': expected '', 'latest' or an existing checkpoint folder"),
     ]

@@ -19,10 +19,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from scatgen.data import build_dataset, collate_skip_none
 from scatgen.metrics import (
     InceptionUnavailable, RunningMean, code_statistics, compute_features, fid_from_features,
-    kernel_inception_distance, load_inception, memorisation_report, psnr, ssim,
+    kernel_inception_distance, load_inception, memorisation_report, precision_recall, psnr, ssim,
 )
 from scatgen.pictures import to_unit
 from scatgen.pipeline import Pipeline
+from scatgen.refinement import refine_decodings, refine_reconstructions
 from scatgen.utils import atomic_path, progress_bar
 
 
@@ -47,51 +48,89 @@ def iterate_images(dataset: Dataset, batch_size: int, desc: str = "", progress: 
             yield batch
 
 
-@torch.no_grad()
 def reconstruction_metrics(pipe: Pipeline, dataset: Dataset, batch_size: int = 128, desc: str = "",
-                           progress: bool = False, keep_images: bool = False) -> dict[str, Any]:
-    """Mean PSNR (dB) and SSIM of G(L S_J x) against x over every readable image, in [0, 1].
+                           progress: bool = False, keep_images: bool = False, refine: int = 0) -> dict[str, Any]:
+    """Mean PSNR (dB) and SSIM against x over every readable image, in [0, 1], of G(L S_J x)
+    ("raw") and, when refine > 0, of its refinement towards S_J x ("refined").
 
     Also returns the codes and per-image values; the images and recons with keep_images."""
-    psnr_mean, ssim_mean = RunningMean(skip_nonfinite=True), RunningMean()
-    out: dict[str, list] = {"codes": [], "psnr_per_image": [], "ssim_per_image": [], "images": [], "recons": []}
+    kinds = ["raw"] + (["refined"] if refine > 0 else [])
+    means = {k: (RunningMean(skip_nonfinite=True), RunningMean()) for k in kinds}
+    per: dict[str, dict[str, list]] = {k: {"psnr_per_image": [], "ssim_per_image": [], "recons": []} for k in kinds}
+    codes, kept = [], []
     for images in iterate_images(dataset, batch_size, desc, progress):
         z = pipe.encode(images)
-        recons = pipe.decode(z)
-        p, s = psnr(to_unit(recons), to_unit(images)), ssim(to_unit(recons), to_unit(images))
-        psnr_mean.update(p)
-        ssim_mean.update(s)
-        out["codes"].append(z)
-        out["psnr_per_image"].append(p)
-        out["ssim_per_image"].append(s)
+        recons = {"raw": pipe.decode(z, refine=0)}
+        if refine > 0:
+            recons["refined"] = refine_reconstructions(pipe.scattering, recons["raw"], images,
+                                                       pipe.refine_settings(refine))
+        for kind, x in recons.items():
+            p, s = psnr(to_unit(x), to_unit(images)), ssim(to_unit(x), to_unit(images))
+            means[kind][0].update(p)
+            means[kind][1].update(s)
+            per[kind]["psnr_per_image"].append(p)
+            per[kind]["ssim_per_image"].append(s)
+            if keep_images:
+                per[kind]["recons"].append(x)
+        codes.append(z)
         if keep_images:
-            out["images"].append(images)
-            out["recons"].append(recons)
-    if ssim_mean.count == 0:
+            kept.append(images)
+    if not codes:
         raise ValueError("no readable images to reconstruct")
-    result: dict[str, Any] = {"psnr": psnr_mean.mean, "ssim": ssim_mean.mean, "n": ssim_mean.count,
-                              "perfect": psnr_mean.n_skipped}
-    result.update({k: torch.cat(v) for k, v in out.items() if v})
+    result: dict[str, Any] = {"codes": torch.cat(codes)}
+    if keep_images:
+        result["images"] = torch.cat(kept)
+    for kind in kinds:
+        psnr_mean, ssim_mean = means[kind]
+        result[kind] = {"psnr": psnr_mean.mean, "ssim": ssim_mean.mean, "n": ssim_mean.count,
+                        "perfect": psnr_mean.n_skipped}
+        result[kind].update({k: torch.cat(v) for k, v in per[kind].items() if v})
     return result
 
 
-@torch.no_grad()
-def cycle_error(pipe: Pipeline, n: int = 500, seed: int = 0) -> float:
-    """Mean over z ~ N(0, I) of ‖L S_J G(z) − z‖ / ‖z‖."""
-    z = pipe.random_codes(n, seed=seed)
-    z_back = pipe.encode(pipe.decode(z))
-    return ((z_back - z).norm(dim=1) / z.norm(dim=1)).mean().item()
+def cycle_errors(pipe: Pipeline, codes: torch.Tensor, images: torch.Tensor) -> float:
+    """Mean of ‖L S_J x − z‖ / ‖z‖ for images x decoded from codes z."""
+    return ((pipe.encode(images) - codes).norm(dim=1) / codes.norm(dim=1)).mean().item()
 
 
 def _stack(dataset: Dataset, batch_size: int) -> torch.Tensor:
     return torch.cat(list(iterate_images(dataset, batch_size)))
 
 
+def cpu_or_gpu_name(device: torch.device) -> str:
+    """The processor that timings were taken on, for the report."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} torch threads"
+    except OSError:
+        pass
+    return f"CPU, {torch.get_num_threads()} torch threads"
+
+
+def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
+    tic = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - tic
+
+
 def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_memorisation: int = 300,
              inception: str | None = None, seed: int = 0, batch_size: int = 128, data_root: str | None = None,
-             progress: bool = True, feature_net: torch.nn.Module | None = None) -> dict[str, Any]:
-    """Everything in the evaluation protocol, as a JSON-serialisable dict."""
+             progress: bool = True, feature_net: torch.nn.Module | None = None, refine: int | None = None,
+             priors: list[str] | None = None) -> dict[str, Any]:
+    """Everything in the evaluation protocol, as a JSON-serialisable dict.
+
+    Raw G and refined (`refine` steps; None = the bundle's) side by side, for the
+    reconstructions and for samples of every prior in `priors` (None = all the bundle holds)."""
     start = time.time()
+    refine_cfg = pipe.refine_settings(refine)
+    priors = list(pipe.priors) if priors is None else priors
+    for kind in priors:
+        if kind not in pipe.priors:
+            raise ValueError(f"no '{kind}' prior in this bundle (it has {', '.join(pipe.priors)}); "
+                             f"fit one with `python sample.py fit-prior RUN --kind {kind}`")
     report: dict[str, Any] = {"image_size": pipe.image_size, "J": pipe.cfg.encoder.J, "L": pipe.cfg.encoder.L,
                               "d": pipe.d, "generator": pipe.cfg.generator.kind, "dataset": pipe.cfg.data.name,
                               "num_parameters": sum(p.numel() for p in pipe.generator.parameters())}
@@ -99,44 +138,82 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
     train_set = load_split(pipe, "train", limit=num_train, seed=seed, data_root=data_root)
     for split, dataset in (("test", test_set), ("train", train_set)):
         rec = reconstruction_metrics(pipe, dataset, batch_size, f"reconstructing {split}", progress)
-        codes = rec.pop("codes")
-        report[f"{split}_reconstruction"] = {k: v for k, v in rec.items() if not isinstance(v, torch.Tensor)}
+        codes = rec["codes"]
+        report[f"{split}_reconstruction"] = {k: v for k, v in rec["raw"].items() if not isinstance(v, torch.Tensor)}
         if split == "test":
             report["test_codes"] = code_statistics(codes)
     report["reconstruction_gap_psnr"] = report["train_reconstruction"]["psnr"] - report["test_reconstruction"]["psnr"]
-    report["cycle_error"] = cycle_error(pipe, n=min(num_fid, 500), seed=seed)
 
+    # Everything below is on the first n test images, raw and refined, so that FID is at equal N.
     test_images = _stack(test_set, batch_size)
-    n_fid = min(num_fid, len(test_images))
-    real = test_images[:n_fid]
-    samples = pipe.sample(n_fid, seed=seed + 1)
-    recons = pipe.reconstruct(real)
+    n = min(num_fid, len(test_images))
+    real = test_images[:n]
+    recons = {"raw": pipe.reconstruct(real, refine=0)}
+    samples: dict[str, dict[str, torch.Tensor]] = {}
+    sample_codes: dict[str, torch.Tensor] = {}
+    seconds = {"reconstruct": 0.0, "decode": 0.0}
+    if refine_cfg.steps > 0:
+        recons["refined"], seconds["reconstruct"] = _timed(
+            refine_reconstructions, pipe.scattering, recons["raw"], real, refine_cfg)
+    for kind in progress_bar(priors, desc="sampling and refining", disable=not progress, leave=False):
+        codes = sample_codes[kind] = pipe.random_codes(n, seed=seed + 1, prior=kind)
+        samples[kind] = {"raw": pipe.decode(codes, refine=0)}
+        if refine_cfg.steps > 0:
+            samples[kind]["refined"], spent = _timed(refine_decodings, pipe.scattering, pipe.whitening,
+                                                     samples[kind]["raw"], codes, refine_cfg, pipe.priors[kind].modelled)
+            seconds["decode"] += spent
+    for kind, images in recons.items():
+        p, s = psnr(to_unit(images), to_unit(real)), ssim(to_unit(images), to_unit(real))
+        report[f"test_reconstruction_{kind}_first_n"] = {"psnr": p[torch.isfinite(p)].mean().item(),
+                                                          "ssim": s.mean().item(), "n": n}
+    normal = samples.get("normal") or samples[priors[0]]
+    codes = sample_codes["normal" if "normal" in samples else priors[0]]
+    report["cycle_error"] = {kind: cycle_errors(pipe, codes, images) for kind, images in normal.items()}
+    report["cycle_error"]["prior"] = "normal" if "normal" in samples else priors[0]
+    report["refinement"] = {
+        "steps": refine_cfg.steps, "optimizer": refine_cfg.optimizer, "lr": refine_cfg.lr,
+        "weighting": refine_cfg.weighting, "anchor": refine_cfg.anchor, "tv": refine_cfg.tv,
+        "seconds_per_64_reconstructions": 64 * seconds["reconstruct"] / n,
+        "seconds_per_64_samples": 64 * seconds["decode"] / (n * len(priors)),
+        "device": cpu_or_gpu_name(pipe.device),
+    }
+
     try:
         net = feature_net if feature_net is not None else load_inception(inception)
-        feats = {name: compute_features(net, to_unit(x), batch_size=64)
-                 for name, x in progress_bar((("real", real), ("samples", samples), ("recons", recons)),
-                                     desc="inception features", disable=not progress, leave=False)}
-        kid = {k: kernel_inception_distance(feats["real"], feats[k], subset_size=min(1000, n_fid)) for k in
-               ("samples", "recons")}
-        report["fid"] = {
-            "samples": fid_from_features(feats["real"], feats["samples"]),
-            "reconstructions": fid_from_features(feats["real"], feats["recons"]),
-            "kid_samples": kid["samples"][0], "kid_samples_std": kid["samples"][1],
-            "kid_reconstructions": kid["recons"][0], "kid_reconstructions_std": kid["recons"][1],
-            "n": n_fid, "reference": "test split", "image_size": pipe.image_size,
-            "resize": getattr(net, "resize_method", "none (stand-in feature network)"),
-            "network": "FID Inception (TorchScript, 2048-d pool3)" if feature_net is None else type(net).__name__,
-        }
-        report["fid"]["sample_to_reconstruction_ratio"] = report["fid"]["samples"] / max(
-            report["fid"]["reconstructions"], 1e-12)
     except InceptionUnavailable as e:
         report["fid"] = {"skipped": str(e)}
+    else:
+        def features(images: torch.Tensor) -> torch.Tensor:
+            return compute_features(net, to_unit(images), batch_size=64)
 
-    m = min(num_memorisation, n_fid)
+        def scores(real_feats: torch.Tensor, images: torch.Tensor) -> dict[str, float]:
+            feats = features(images)
+            kid, kid_std = kernel_inception_distance(real_feats, feats, subset_size=min(1000, n))
+            return {"fid": fid_from_features(real_feats, feats), "kid": kid, "kid_std": kid_std,
+                    **precision_recall(real_feats, feats, k=3)}
+
+        real_feats = features(real)
+        report["fid"] = {
+            "n": n, "reference": "test split", "image_size": pipe.image_size,
+            "resize": getattr(net, "resize_method", "none (stand-in feature network)"),
+            "network": "FID Inception (TorchScript, 2048-d pool3)" if feature_net is None else type(net).__name__,
+            "reconstructions": {kind: scores(real_feats, images) for kind, images in recons.items()},
+            "samples": {prior: {kind: scores(real_feats, images) for kind, images in sets.items()}
+                        for prior, sets in progress_bar(samples.items(), desc="inception features",
+                                                        disable=not progress, leave=False)},
+        }
+
+    m = min(num_memorisation, n)
     train_images = _stack(load_split(pipe, "train", limit=max(num_train, 5000), seed=seed, data_root=data_root),
                           batch_size)
-    mem = memorisation_report(to_unit(samples[:m]), to_unit(test_images[:m]), to_unit(train_images))
-    report["memorisation"] = {k: v for k, v in mem.items() if not isinstance(v, list)}
+    # A sample is judged against a test reconstruction made the same way (raw or refined):
+    # both went through G, so a ratio near 1 means the prior adds no copying of its own.
+    report["memorisation"] = {
+        prior: {kind: {k: v for k, v in memorisation_report(to_unit(images[:m]), to_unit(recons[kind][:m]),
+                                                             to_unit(train_images)).items()
+                       if not isinstance(v, list)}
+                for kind, images in sets.items()}
+        for prior, sets in samples.items()}
     report["seconds"] = time.time() - start
     return report
 
@@ -148,31 +225,52 @@ def _fmt(v: Any) -> str:
 
 
 def markdown_table(report: dict[str, Any]) -> str:
-    """A short table of the headline numbers."""
+    """The headline numbers: raw G and refined side by side, one row per prior."""
     tr, te = report["train_reconstruction"], report["test_reconstruction"]
+    ref = report["refinement"]
     rows = [
-        ("test PSNR / SSIM", f"{te['psnr']:.2f} dB / {te['ssim']:.4f} (n={te['n']})"),
-        ("train PSNR / SSIM", f"{tr['psnr']:.2f} dB / {tr['ssim']:.4f} (n={tr['n']})"),
+        ("test PSNR / SSIM, G", f"{te['psnr']:.2f} dB / {te['ssim']:.4f} (n={te['n']})"),
+        ("train PSNR / SSIM, G", f"{tr['psnr']:.2f} dB / {tr['ssim']:.4f} (n={tr['n']})"),
         ("train − test PSNR gap", f"{report['reconstruction_gap_psnr']:.2f} dB"),
         ("test codes: ‖mean‖, ‖Σ−I‖_F/√d, excess kurtosis",
          ", ".join(_fmt(report["test_codes"][k]) for k in list(report["test_codes"])[:3])),
-        ("cycle error ‖L S G(z) − z‖/‖z‖", _fmt(report["cycle_error"])),
     ]
-    fid = report["fid"]
-    if "skipped" in fid:
-        rows.append(("FID / KID", fid["skipped"]))
-    else:
-        rows += [
-            ("FID samples / reconstructions", f"{fid['samples']:.2f} / {fid['reconstructions']:.2f} "
-                                              f"(ratio {fid['sample_to_reconstruction_ratio']:.2f})"),
-            ("KID samples / reconstructions", f"{fid['kid_samples']:.4f} / {fid['kid_reconstructions']:.4f}"),
-            ("FID setting", f"N={fid['n']} vs {fid['reference']}, {fid['image_size']}² → 299² bilinear"),
-        ]
-    mem = report["memorisation"]
-    rows.append(("memorisation: NN distance samples / test (median)",
-                 f"{mem['sample_nn_median']:.3f} / {mem['test_nn_median']:.3f} (ratio {mem['ratio_median']:.2f}, "
-                 f"possible copies {mem['frac_possible_copies']:.1%})"))
+    raw = report["test_reconstruction_raw_first_n"]
+    if "test_reconstruction_refined_first_n" in report:
+        refined = report["test_reconstruction_refined_first_n"]
+        rows.append((f"test PSNR / SSIM, G → refined (first {raw['n']})",
+                     f"{raw['psnr']:.2f} → {refined['psnr']:.2f} dB / {raw['ssim']:.4f} → {refined['ssim']:.4f}"))
+        rows.append(("refinement", f"{ref['steps']} {ref['optimizer']} steps; "
+                                   f"{ref['seconds_per_64_reconstructions']:.1f} s per 64 reconstructions, "
+                                   f"{ref['seconds_per_64_samples']:.1f} s per 64 samples ({ref['device']})"))
+    cycle = report["cycle_error"]
+    rows.append((f"cycle error ‖L S G(z) − z‖/‖z‖, z from {cycle['prior']}",
+                 " → ".join(_fmt(cycle[k]) for k in ("raw", "refined") if k in cycle)))
     lines = ["| metric | value |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows]
+
+    fid, mem = report["fid"], report["memorisation"]
+    if "skipped" in fid:
+        lines += ["", f"FID, KID, precision and recall: {fid['skipped']}"]
+    lines += ["", "| images | FID | KID | precision | recall | NN distance to train / test recons' (median) |",
+              "| --- | --- | --- | --- | --- | --- |"]
+
+    def row(name: str, scores: dict | None, memo: dict | None) -> str:
+        cells = ["–"] * 4 if scores is None else [f"{scores['fid']:.1f}", f"{scores['kid']:.4f}",
+                                                   f"{scores['precision']:.3f}", f"{scores['recall']:.3f}"]
+        cells.append("–" if memo is None else f"{memo['sample_nn_median']:.3f} / {memo['test_nn_median']:.3f} "
+                                               f"(ratio {memo['ratio_median']:.2f})")
+        return f"| {name} | " + " | ".join(cells) + " |"
+
+    for kind in ("raw", "refined"):
+        recon_scores = fid.get("reconstructions", {}).get(kind)
+        if recon_scores is not None or kind == "raw":
+            lines.append(row(f"test reconstructions, {kind}", recon_scores, None))
+    for prior, kinds in mem.items():
+        for kind, memo in kinds.items():
+            lines.append(row(f"samples, {prior} prior, {kind}", fid.get("samples", {}).get(prior, {}).get(kind), memo))
+    if "n" in fid:
+        lines += ["", f"FID setting: N={fid['n']} vs the {fid['reference']}, {fid['image_size']}² → 299² "
+                      f"{fid['resize']}; precision/recall with k=3"]
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,7 @@ Contents
   :func:`fid_from_features`), KID (:func:`kernel_inception_distance`), the Inception
   feature extractor (:class:`InceptionFeatures`, :func:`load_inception`) and a generic
   batched feature loop (:func:`compute_features`).
+* Sample fidelity and coverage: :func:`precision_recall` (k-NN manifolds).
 * Memorisation: :func:`nearest_neighbour_distances`, :func:`memorisation_report`.
 
 Conventions: images are float tensors ``(B, 3, H, W)`` in ``[0, 1]`` unless stated
@@ -45,6 +46,7 @@ __all__ = [
     "compute_features",
     "nearest_neighbour_distances",
     "memorisation_report",
+    "precision_recall",
 ]
 
 
@@ -510,6 +512,35 @@ def compute_features(
     if not out:
         raise ValueError("no images given")
     return torch.cat(out)
+
+
+@torch.no_grad()
+def _knn_radii(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance from each row to its k-th nearest other row: (n, D) → (n,)."""
+    d = torch.cdist(features, features)
+    return d.kthvalue(k + 1, dim=1).values  # the smallest is the row itself, at 0
+
+
+@torch.no_grad()
+def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k: int = 3) -> dict[str, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019).
+
+    Each set's manifold is the union of balls around its points, each ball reaching that
+    point's k-th nearest neighbour within the set. precision = share of fake points inside
+    the real manifold (how many samples look real); recall = share of real points inside
+    the fake manifold (how much of the data the samples cover). Features (n, D), (m, D).
+    """
+    if real_features.ndim != 2 or fake_features.ndim != 2 or real_features.shape[1] != fake_features.shape[1]:
+        raise ValueError(f"expected features (n, D) and (m, D), got {tuple(real_features.shape)} and "
+                         f"{tuple(fake_features.shape)}")
+    if min(len(real_features), len(fake_features)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} points in each set")
+    real, fake = real_features.double(), fake_features.double()
+    real_radii, fake_radii = _knn_radii(real, k), _knn_radii(fake, k)
+    cross = torch.cdist(fake, real)  # (m, n)
+    precision = (cross <= real_radii[None, :]).any(dim=1).double().mean().item()
+    recall = (cross.T <= fake_radii[None, :]).any(dim=1).double().mean().item()
+    return {"precision": precision, "recall": recall, "k": k}
 
 
 # ---------------------------------------------------------------------------------------

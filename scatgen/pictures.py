@@ -21,11 +21,23 @@ def grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
     return make_grid(to_unit(images), nrow=nrow, padding=2, pad_value=1.0)
 
 
-def pairs_grid(originals: torch.Tensor, recons: torch.Tensor, nrow: int = 8) -> torch.Tensor:
-    """Rows of originals, each followed by the row of their reconstructions."""
+def enlarge(picture: torch.Tensor, factor: int = 4) -> torch.Tensor:
+    """Nearest-neighbour upscaling of a (3, H, W) picture: 32² thumbnails hide blur."""
+    if factor < 1:
+        raise ValueError(f"the enlargement factor must be >= 1, got {factor}")
+    return picture.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+
+
+def rows_grid(sets: list[torch.Tensor], nrow: int = 8) -> torch.Tensor:
+    """Interleaved rows: nrow images of each set in turn (e.g. originals, G, refined), then the next nrow.
+    A short last group is padded with white so that every row lines up."""
+    nrow = min(nrow, len(sets[0]))
     rows = []
-    for start in range(0, len(originals), nrow):
-        rows += [originals[start:start + nrow], recons[start:start + nrow]]
+    for start in range(0, len(sets[0]), nrow):
+        for images in sets:
+            row = images[start:start + nrow]
+            blank = torch.ones(nrow - len(row), *row.shape[1:], dtype=row.dtype)
+            rows.append(torch.cat([row, blank]))
     return grid(torch.cat(rows), nrow=nrow)
 
 

@@ -1,20 +1,27 @@
-"""The user-facing model: image ⇄ code through S_J, the whitening and the generator.
+"""The user-facing model: image ⇄ code through S_J, the whitening, the code prior,
+the generator and the refinement.
 
     pipe = scatgen.load("runs/polygons")
     codes = pipe.encode(images)              # (B, 3, N, N) in [-1, 1] → (B, d)
-    recons = pipe.decode(codes)              # (B, d) → (B, 3, N, N)
-    samples = pipe.sample(16, seed=0)        # z ~ N(0, T² I)
+    recons = pipe.decode(codes, refine=0)    # (B, d) → (B, 3, N, N): G(z) alone
+    recons = pipe.reconstruct(images)        # G(L S_J x), refined towards S_J x
+    samples = pipe.sample(16, seed=0)        # codes from the bundle's prior, decoded and refined
     path = pipe.interpolate(za, zb, steps=8) # (steps, 3, N, N)
+
+`refine=None` means the bundle's refine.steps; 0 turns refinement off.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from scatgen.config import Config
+from scatgen.config import Config, RefineConfig
 from scatgen.generators import Generator
+from scatgen.prior import CodePrior, NormalPrior
+from scatgen.refinement import refine_decodings, refine_reconstructions
 from scatgen.scattering import Scattering
 from scatgen.whitening import Whitening
 
@@ -34,15 +41,21 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 class Pipeline:
-    """Encoder (fixed scattering + whitening) and generator, on one device."""
+    """Encoder (fixed scattering + whitening), code priors and generator, on one device."""
 
     def __init__(self, generator: Generator, whitening: Whitening, cfg: Config,
-                 scattering: Scattering | None = None, device: torch.device | str = "cpu") -> None:
+                 scattering: Scattering | None = None, device: torch.device | str = "cpu",
+                 priors: dict[str, CodePrior] | None = None) -> None:
         self.device = torch.device(device)
         self.cfg = cfg
         self.generator = generator.to(self.device).eval()
         self.whitening = whitening.to(self.device)
         self._scattering = scattering
+        for kind, prior in (priors or {}).items():
+            if prior.d != whitening.d:
+                raise ValueError(f"the '{kind}' prior draws codes of d={prior.d}, but the whitening makes d="
+                                 f"{whitening.d}; refit it with `python sample.py fit-prior RUN --kind {kind}`")
+        self.priors: dict[str, CodePrior] = {"normal": NormalPrior(whitening.d), **(priors or {})}
 
     @property
     def image_size(self) -> int:
@@ -53,55 +66,91 @@ class Pipeline:
         return self.whitening.d
 
     @property
+    def default_prior(self) -> str:
+        """The config's prior.kind when the bundle holds it, else 'normal' (bundles without a prior)."""
+        return self.cfg.prior.kind if self.cfg.prior.kind in self.priors else "normal"
+
+    @property
     def scattering(self) -> Scattering:
-        # Built on first use: sampling alone never needs the filters.
+        # Built on first use: sampling without refinement never needs the filters.
         if self._scattering is None:
             e = self.cfg.encoder
             self._scattering = Scattering(e.J, self.image_size, e.L, e.backend, cache_dir=self.cfg.run.cache_dir)
         return self._scattering.to(self.device)
 
+    def refine_settings(self, refine: int | None = None) -> RefineConfig:
+        """The bundle's refine config with `refine` steps (None: its own)."""
+        steps = self.cfg.refine.steps if refine is None else refine
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"refine must be a number of steps >= 0 (0 = off, None = the bundle's "
+                             f"{self.cfg.refine.steps}), got {refine!r}")
+        return replace(self.cfg.refine, steps=steps)
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
         """images (B, 3, N, N) in [-1, 1] → codes (B, d) = L (S_J x − μ)."""
-        n = self.image_size
-        if images.ndim != 4 or tuple(images.shape[1:]) != (3, n, n):
-            raise ValueError(f"expected images of shape (B, 3, {n}, {n}), got {tuple(images.shape)}")
+        self._check_images(images)
         out = [self.whitening(self.scattering(chunk.to(self.device))) for chunk in images.split(batch_size)]
         return torch.cat(out).cpu()
 
-    @torch.no_grad()
-    def decode(self, codes: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """codes (B, d) → images (B, 3, N, N) in [-1, 1]."""
+    def _check_images(self, images: torch.Tensor) -> None:
+        n = self.image_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, n, n):
+            raise ValueError(f"expected images of shape (B, 3, {n}, {n}), got {tuple(images.shape)}")
+
+    def decode(self, codes: torch.Tensor, refine: int | None = None, batch_size: int = 256,
+               known: int | None = None) -> torch.Tensor:
+        """codes (B, d) → images (B, 3, N, N) in [-1, 1]: G(z), then `refine` steps towards
+        the code's coefficients in the whitening's PCA basis (its `known` leading ones; None: all)."""
         if codes.ndim != 2 or codes.shape[1] != self.d:
             raise ValueError(f"expected codes of shape (B, {self.d}), got {tuple(codes.shape)}")
+        cfg = self.refine_settings(refine)
         self.generator.eval()
-        out = [self.generator(chunk.to(self.device))[0].float() for chunk in codes.split(batch_size)]
-        return torch.cat(out).cpu()
+        with torch.no_grad():
+            out = torch.cat([self.generator(chunk.to(self.device))[0].float()
+                             for chunk in codes.split(batch_size)]).cpu()
+        if cfg.steps == 0:
+            return out
+        return refine_decodings(self.scattering, self.whitening, out, codes, cfg, known)
 
-    def random_codes(self, n: int, seed: int = 0, temperature: float = 1.0) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed)
-        return temperature * torch.randn(n, self.d, generator=generator)
+    def random_codes(self, n: int, seed: int = 0, temperature: float = 1.0, prior: str | None = None) -> torch.Tensor:
+        """n codes from a prior ('normal', or one the bundle holds; None = the default)."""
+        kind = self.default_prior if prior is None else prior
+        if kind not in self.priors:
+            raise ValueError(f"no '{kind}' prior in this bundle (it has {', '.join(self.priors)}); "
+                             f"fit one with `python sample.py fit-prior RUN --kind {kind}`")
+        return self.priors[kind].sample(n, seed=seed, temperature=temperature)
 
-    def sample(self, n: int, seed: int = 0, temperature: float = 1.0) -> torch.Tensor:
-        """n images decoded from z ~ N(0, temperature² I)."""
-        return self.decode(self.random_codes(n, seed, temperature))
+    def sample(self, n: int, seed: int = 0, temperature: float = 1.0, prior: str | None = None,
+               refine: int | None = None) -> torch.Tensor:
+        """n images decoded from the prior's codes (temperature scales its noise). Refinement
+        targets the components the prior models; the rest are its noise, not information."""
+        codes = self.random_codes(n, seed, temperature, prior)
+        return self.decode(codes, refine=refine, known=self.priors[prior or self.default_prior].modelled)
 
-    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
-        """G(L S_J x)."""
-        return self.decode(self.encode(images))
+    def reconstruct(self, images: torch.Tensor, refine: int | None = None) -> torch.Tensor:
+        """G(L S_J x), then `refine` steps towards the full S_J x."""
+        self._check_images(images)
+        cfg = self.refine_settings(refine)
+        recons = self.decode(self.encode(images), refine=0)
+        if cfg.steps == 0:
+            return recons
+        return refine_reconstructions(self.scattering, recons, images, cfg)
 
-    def interpolate(self, a: torch.Tensor, b: torch.Tensor, steps: int = 8, spherical: bool = False) -> torch.Tensor:
-        """Decode `steps` codes from a to b (each (d,), or an image (3, N, N) to encode first)."""
+    def interpolate(self, a: torch.Tensor, b: torch.Tensor, steps: int = 8, spherical: bool = False,
+                    refine: int | None = None, known: int | None = None) -> torch.Tensor:
+        """Decode `steps` codes from a to b (each (d,), or an image (3, N, N) to encode first);
+        `known` as in decode (the prior's modelled components when an end is a prior's draw)."""
         if steps < 2:
             raise ValueError(f"interpolation needs at least 2 steps, got {steps}")
         a, b = (self.encode(v[None])[0] if v.ndim == 3 else v for v in (a, b))
         t = torch.linspace(0, 1, steps)
-        return self.decode((slerp if spherical else lerp)(a.float(), b.float(), t))
+        return self.decode((slerp if spherical else lerp)(a.float(), b.float(), t), refine=refine, known=known)
 
 
 def load(path: str | Path, device: torch.device | str = "cpu") -> Pipeline:
     """A Pipeline from a bundle directory or a run directory."""
-    from scatgen.bundle import load_bundle
+    from scatgen.bundle import load_bundle, load_priors
 
     generator, whitening, cfg = load_bundle(path, device=device)
-    return Pipeline(generator, whitening, cfg, device=device)
+    return Pipeline(generator, whitening, cfg, device=device, priors=load_priors(path))

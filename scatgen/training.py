@@ -31,8 +31,9 @@ from scatgen.config import Config, save_config
 from scatgen.data import build_dataset, collate_skip_none
 from scatgen.generators import Generator, build_generator
 from scatgen.metrics import psnr
-from scatgen.pictures import grid, pairs_grid, save_png, to_unit
+from scatgen.pictures import enlarge, grid, rows_grid, save_png, to_unit
 from scatgen.pipeline import Pipeline, lerp
+from scatgen.prior import CodePrior, fit_prior
 from scatgen.utils import atomic_path, progress_bar
 
 
@@ -254,24 +255,47 @@ class Trainer:
         metrics = {"test/psnr": test_psnr(generator, codes, images)}
         self.history.append({"step": self.step, "train_seconds": self.train_seconds, "test_psnr": metrics["test/psnr"]})
         pipe = Pipeline(generator, self.whitening, self.cfg, device=self.accelerator.device)
-        recons = pipe.decode(codes[:t.grid_size])
-        samples = pipe.sample(t.grid_size, seed=self.cfg.run.seed)
+        # G alone: refinement would cost more than the evaluation itself.
+        recons = pipe.decode(codes[:t.grid_size], refine=0)
+        samples = pipe.sample(t.grid_size, seed=self.cfg.run.seed, prior="normal", refine=0)
         generator.train()
         tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
-        tracker.add_image("test/reconstructions", pairs_grid(images[:t.grid_size], recons), self.step)
+        tracker.add_image("test/reconstructions", rows_grid([images[:t.grid_size], recons]), self.step)
         tracker.add_image("samples/fixed_noise", grid(samples), self.step)
         self.accelerator.log(metrics, step=self.step)
         return metrics
 
-    def save_pictures(self) -> None:
+    def fit_prior(self) -> CodePrior | None:
+        """The config's code prior, fitted on the train codes (None for 'normal': nothing to fit)."""
+        if self.cfg.prior.kind == "normal":
+            return None
+        return fit_prior(self.codesets["train"].codes, self.cfg.prior, seed=self.cfg.run.seed,
+                         device=self.accelerator.device, progress=self.progress)
+
+    def save_pictures(self, priors: dict[str, CodePrior]) -> None:
+        """The pictures a user looks at first, enlarged ×4 below 64²: reconstructions (rows of
+        originals, G, refined), samples from the default prior, samples of every prior raw and
+        refined, and interpolations between test codes."""
         generator = self.accelerator.unwrap_model(self.model)
-        pipe = Pipeline(generator, self.whitening, self.cfg, device=self.accelerator.device)
+        pipe = Pipeline(generator, self.whitening, self.cfg, scattering=self.scattering,
+                        device=self.accelerator.device, priors=priors)
+        refining = self.cfg.refine.steps > 0
+        factor = max(1, 128 // pipe.image_size)
         codes, images = self._fixed_test_batch(32)
-        save_png(pairs_grid(images, pipe.decode(codes)), self.paths.images / "reconstructions.png")
-        save_png(grid(pipe.sample(64, seed=self.cfg.run.seed)), self.paths.images / "samples.png")
+        recons = pipe.decode(codes, refine=0)
+        rows = [images, recons] + ([pipe.reconstruct(images)] if refining else [])
+        save_png(enlarge(rows_grid(rows), factor), self.paths.images / "reconstructions.png")
+        samples = pipe.sample(64, seed=self.cfg.run.seed)
+        save_png(enlarge(grid(samples), factor), self.paths.images / "samples.png")
+        by_prior = []
+        for kind in pipe.priors:
+            seed = self.cfg.run.seed + 1
+            by_prior += [pipe.sample(8, seed=seed, prior=kind, refine=0)]
+            by_prior += [pipe.sample(8, seed=seed, prior=kind)] if refining else []
+        save_png(enlarge(grid(torch.cat(by_prior)), factor), self.paths.images / "samples-by-prior.png")
         steps = torch.linspace(0, 1, 10)
-        rows = [lerp(codes[2 * i], codes[2 * i + 1], steps) for i in range(min(4, len(codes) // 2))]
-        save_png(grid(pipe.decode(torch.cat(rows)), nrow=10), self.paths.images / "interpolation.png")
+        path = torch.cat([lerp(codes[2 * i], codes[2 * i + 1], steps) for i in range(min(4, len(codes) // 2))])
+        save_png(enlarge(grid(pipe.decode(path), nrow=10), factor), self.paths.images / "interpolation.png")
         generator.train()
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -382,8 +406,14 @@ class Trainer:
             metrics.update(steps=self.step, num_processes=acc.num_processes, minutes=(time.time() - start) / 60, train_minutes=self.train_seconds / 60,
                            history=self.history)
             generator = acc.unwrap_model(self.model)
-            save_bundle(self.paths.model, generator, self.whitening, cfg)
-            self.save_pictures()
+            tic = time.time()
+            prior = self.fit_prior()
+            metrics["prior_seconds"] = time.time() - tic
+            priors = {} if prior is None else {prior.kind: prior}
+            save_bundle(self.paths.model, generator, self.whitening, cfg, priors=list(priors.values()))
+            tic = time.time()
+            self.save_pictures(priors)
+            metrics["pictures_seconds"] = time.time() - tic
             with atomic_path(self.paths.root / "metrics.json") as tmp:
                 tmp.write_text(json.dumps(metrics, indent=2))
         acc.wait_for_everyone()

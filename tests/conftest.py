@@ -17,6 +17,8 @@ def tiny_overrides(tmp_path: Path, **extra) -> dict[str, str]:
         "train.batch_size": "32", "train.max_steps": "12", "train.warmup_steps": "2",
         "train.eval_every": "6", "train.eval_images": "32", "train.log_every": "3",
         "train.checkpoint_every": "6", "train.keep_checkpoints": "3", "train.grid_size": "8",
+        "prior.fit_steps": "40", "prior.width": "64", "prior.depth": "1", "prior.sample_steps": "4",
+        "refine.steps": "3",
         "run.out_dir": str(tmp_path / "run"), "run.cache_dir": str(tmp_path / "cache"),
     }
     cfg.update({k.replace("__", "."): str(v) for k, v in extra.items()})
@@ -37,3 +39,14 @@ def run_script(*args: str, timeout: int = 300, env: dict | None = None):
 
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory):
+    """One tiny trained run (with a flow prior) shared by every test that only reads it."""
+    from scatgen.config import load_config
+    from scatgen.training import Trainer
+
+    tmp = tmp_path_factory.mktemp("trained")
+    Trainer(load_config(None, tiny_overrides(tmp)), progress=False).train()
+    return tmp / "run"

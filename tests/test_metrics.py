@@ -309,3 +309,20 @@ def test_memorisation_copies_and_fresh_samples():
     assert 0.85 < fresh["ratio_mean"] < 1.15
     assert fresh["frac_possible_copies"] < 0.1
     assert len(fresh["closest_sample_indices"]) == 16
+
+
+def test_precision_recall_on_constructed_sets():
+    from scatgen.metrics import precision_recall
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 8, generator=g)
+    # The same distribution: both near 1. A collapsed set inside the data: precision 1, recall low.
+    same = precision_recall(real, torch.randn(400, 8, generator=g), k=3)
+    assert same["precision"] > 0.8 and same["recall"] > 0.8
+    collapsed = precision_recall(real, 0.05 * torch.randn(400, 8, generator=g), k=3)
+    assert collapsed["precision"] == 1.0 and collapsed["recall"] < 0.2
+    # Far away: nothing looks real, nothing is covered.
+    far = precision_recall(real, torch.randn(400, 8, generator=g) + 20.0, k=3)
+    assert far["precision"] == 0.0 and far["recall"] == 0.0
+    with pytest.raises(ValueError, match="more than 3 points"):
+        precision_recall(real[:3], real, k=3)

@@ -5,17 +5,8 @@ import torch
 from PIL import Image
 
 import scatgen
-from conftest import run_script, tiny_overrides
-from scatgen.config import load_config
+from conftest import run_script
 from scatgen.evaluation import evaluate, markdown_table
-from scatgen.training import Trainer
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sample")
-    Trainer(load_config(None, tiny_overrides(tmp)), progress=False).train()
-    return tmp / "run"
 
 
 def test_python_api(run_dir):
@@ -43,7 +34,13 @@ def test_sample_subcommand(run_dir):
     result = run_script("sample.py", "sample", str(run_dir), "--n", "6", "--seed", "3", "--temperature", "0.7",
                         "--individual", "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert (out / "samples-seed3-t0.7.png").is_file()
+    assert (out / "samples-flow-refine3-seed3-t0.7.png").is_file()  # the tiny run's prior and refine.steps
+    # Enlarged ×4: a grid of 6 images of 32² is 8 columns wide at most, 34 px per cell with padding.
+    assert Image.open(out / "samples-flow-refine3-seed3-t0.7.png").size == (4 * (2 + 6 * 34), 4 * 36)
+    result = run_script("sample.py", "sample", str(run_dir), "--n", "4", "--prior", "normal", "--refine", "0",
+                        "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert (out / "samples-normal-refine0-seed0-t1.png").is_file()
     assert len(list(out.glob("sample-3-*.png"))) == 6
 
 
@@ -66,10 +63,13 @@ def test_reconstruct_subcommand(run_dir, tmp_path):
                         "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "reconstructions.json").read_text())
-    assert report["mean"]["n"] == 5 and len(report["images"]) == 5
-    mean_psnr = sum(r["psnr"] for r in report["images"]) / 5
-    assert report["mean"]["psnr"] == pytest.approx(mean_psnr)
-    assert (tmp_path / "reconstructions.png").is_file()
+    assert report["refine_steps"] == 3 and len(report["images"]) == 5
+    for kind in ("raw", "refined"):
+        assert report["mean"][kind]["n"] == 5
+        mean_psnr = sum(r[kind]["psnr"] for r in report["images"]) / 5
+        assert report["mean"][kind]["psnr"] == pytest.approx(mean_psnr)
+    # Rows of originals, G and refined, enlarged ×4: 3 rows of 34 px plus the 2 px border.
+    assert Image.open(tmp_path / "reconstructions.png").size == (4 * (2 + 5 * 34), 4 * (2 + 3 * 34))
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(3):
@@ -91,13 +91,22 @@ def test_evaluate_with_a_stand_in_feature_network(run_dir):
 
     pipe = scatgen.load(run_dir)
     report = evaluate(pipe, num_train=64, num_fid=32, num_memorisation=16, feature_net=TinyFeatures(),
-                      progress=False)
+                      progress=False, refine=2)
     assert report["test_reconstruction"]["n"] == 64 and report["train_reconstruction"]["n"] == 64
-    assert report["fid"]["n"] == 32 and report["fid"]["samples"] >= 0
-    assert report["memorisation"]["n_samples"] == 16
-    assert 0 <= report["cycle_error"] and "test_codes" in report
+    assert report["fid"]["n"] == 32
+    assert set(report["fid"]["samples"]) == {"normal", "flow"}
+    for scores in [*report["fid"]["reconstructions"].values(),
+                   *(s for prior in report["fid"]["samples"].values() for s in prior.values())]:
+        assert scores["fid"] >= 0 and 0 <= scores["precision"] <= 1 and 0 <= scores["recall"] <= 1
+    assert set(report["fid"]["reconstructions"]) == {"raw", "refined"}
+    assert report["memorisation"]["flow"]["refined"]["n_samples"] == 16
+    assert report["test_reconstruction_refined_first_n"]["n"] == 32
+    assert report["refinement"]["steps"] == 2 and report["refinement"]["seconds_per_64_samples"] > 0
+    assert set(report["cycle_error"]) == {"raw", "refined", "prior"}
     table = markdown_table(report)
-    assert "test PSNR" in table and "FID samples" in table
+    assert "test PSNR" in table and "samples, flow prior, refined" in table and "precision" in table
+    with pytest.raises(ValueError, match="no 'gmm' prior"):
+        evaluate(pipe, num_train=8, num_fid=8, feature_net=TinyFeatures(), progress=False, priors=["gmm"])
 
 
 def test_evaluate_subcommand_writes_json_and_markdown(run_dir):
@@ -122,3 +131,35 @@ def test_bad_inputs_give_clear_errors(run_dir, tmp_path):
     assert result.returncode == 1 and "not found" in result.stderr
     result = run_script("sample.py", "atoms", str(run_dir))
     assert result.returncode == 1 and "needs a sparse_deconv generator" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sample", "--n", "0"], "expected an integer >= 1, got 0"),
+    (["sample", "--n", "-1"], "expected an integer >= 1, got -1"),
+    (["sample", "--nrow", "0"], "expected an integer >= 1, got 0"),
+    (["sample", "--temperature", "0"], "expected a finite number > 0"),
+    (["sample", "--temperature", "nan"], "expected a finite number > 0"),
+    (["sample", "--refine", "-2"], "expected an integer >= 0, got -2"),
+    (["reconstruct", "--refine", "x"], "expected an integer >= 0, got 'x'"),
+    (["sample", "--prior", "vae"], "invalid choice: 'vae'"),
+    (["interpolate", "--a", "seed:1", "--b", "seed:2", "--prior", "kde"], "invalid choice: 'kde'"),
+])
+def test_bad_flag_values_are_refused(run_dir, args, message):
+    result = run_script("sample.py", args[0], str(run_dir), *args[1:])
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fit_prior_adds_a_prior_that_sampling_can_pick(run_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    result = run_script("sample.py", "sample", str(run), "--prior", "gmm", "--n", "2")
+    assert result.returncode == 1 and "fit-prior RUN --kind gmm" in result.stderr
+    result = run_script("sample.py", "fit-prior", str(run), "--kind", "gmm")
+    assert result.returncode == 0, result.stderr
+    assert (run / "model" / "priors" / "gmm.safetensors").is_file()
+    assert set(scatgen.load(run).priors) == {"normal", "flow", "gmm"}
+    result = run_script("sample.py", "sample", str(run), "--prior", "gmm", "--n", "2", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "samples-gmm-refine3-seed0-t1.png").is_file()

@@ -1,0 +1,211 @@
+"""generator → refinement: gradient descent on the scattering mismatch, started at G's output.
+
+G is a regression, so G(z) is close to a conditional mean, blurry wherever S_J leaves the
+image undetermined. Refinement is Mallat's microcanonical step started from G's guess
+instead of white noise: it moves x₀ = G(z) until S_J x matches a target.
+
+    from an image x_t (all D coefficients known):
+        E(x) = ‖S_J x − S_J x_t‖²
+    from a code z (only the d whitened coordinates known), with U, Λ, μ the whitening's:
+        E(x) = Σ_k λ_k^(−α) (u_kᵀ(S_J x − μ) − λ_k^(1/2) z_k)²  +  β ‖(I − UUᵀ)(S_J x − S_J x₀)‖²
+
+α = 0 compares PCA coordinates, α = 1 whitened ones. The β term ("anchor") holds the
+D − d coefficients that the code does not fix where G put them. Pixels stay in [−1, 1]
+(projected gradient). Every image has its own objective; a batch is refined at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from scatgen.config import RefineConfig
+from scatgen.scattering import Scattering
+from scatgen.whitening import Whitening
+
+Objective = Callable[[torch.Tensor], torch.Tensor]  # coeffs (B, D) → per-image energy (B,)
+
+
+def total_variation(images: torch.Tensor) -> torch.Tensor:
+    """Anisotropic TV per image: Σ |∂_h x| + |∂_w x|. (B, C, H, W) → (B,)."""
+    dh = (images[:, :, 1:] - images[:, :, :-1]).abs().flatten(1).sum(1)
+    dw = (images[:, :, :, 1:] - images[:, :, :, :-1]).abs().flatten(1).sum(1)
+    return dh + dw
+
+
+def image_objective(target_coeffs: torch.Tensor) -> Objective:
+    """E(x) = ‖S_J x − S_J x_t‖² for targets (B, D)."""
+    return lambda coeffs: (coeffs - target_coeffs).square().sum(1)
+
+
+def code_objective(whitening: Whitening, codes: torch.Tensor, start_coeffs: torch.Tensor,
+                   weighting: float = 0.0, anchor: float = 1.0, known: int | None = None) -> Objective:
+    """E(x) for codes (B, d), with S_J x₀ = start_coeffs (B, D) (see the module docstring).
+
+    Only the `known` leading code components are targets (None: all d); the rest, like the
+    D − d coefficients outside the code, are anchored to x₀'s. A prior that models the leading
+    components alone fills the others with noise, which is no target for refinement."""
+    k = whitening.d if known is None else known
+    U, lam, mu = whitening.basis[:, :k], whitening.eigenvalues[:k], whitening.mean
+    weights = lam.pow(-weighting)
+    target = codes[:, :k].float() * lam.sqrt()
+    start_centred = start_coeffs - mu
+    start_residual = start_centred - (start_centred @ U) @ U.T
+
+    def energy(coeffs: torch.Tensor) -> torch.Tensor:
+        centred = coeffs - mu
+        pca = centred @ U
+        e = ((pca - target).square() * weights).sum(1)
+        if anchor > 0:
+            residual = centred - pca @ U.T
+            e = e + anchor * (residual - start_residual).square().sum(1)
+        return e
+
+    return energy
+
+
+def _per_image(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (_per_image(a) * _per_image(b)).sum(1)
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def lbfgs(x: torch.Tensor, energy_and_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+          evaluations: int, history: int = 10, armijo: float = 1e-4,
+          on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """L-BFGS on every image of the batch separately (its own curvature pairs and line search),
+    so that an image's result never depends on the others in its batch.
+
+    x (B, ...) → x after at most `evaluations` calls of energy_and_grad(x) → ((B,), (B, ...)).
+    Line search: Armijo backtracking from the unit step, halving; the first step is scaled by
+    1/‖g‖₁ (as torch.optim.LBFGS does), later ones by sᵀy/yᵀy.
+    """
+    f, g = energy_and_grad(x)
+    calls = 1
+    pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (s, y, 1/sᵀy or 0 where unusable)
+    gamma = 1.0 / _per_image(g).abs().sum(1).clamp_min(1e-12)
+    while calls < evaluations:
+        # Two-loop recursion: d = −H g with H the L-BFGS inverse-Hessian estimate of each image.
+        q = g.clone()
+        alphas = []
+        for s, y, rho in reversed(pairs):
+            a = rho * _dot(s, q)
+            q -= _bcast(a, q) * y
+            alphas.append(a)
+        q *= _bcast(gamma.clamp_max(1.0) if not pairs else gamma, q)
+        for (s, y, rho), a in zip(pairs, reversed(alphas)):
+            q += _bcast(a - rho * _dot(y, q), q) * s
+        d = -q
+        slope = _dot(g, d)
+        uphill = slope >= 0  # a bad curvature estimate: fall back to steepest descent
+        if uphill.any():
+            d = torch.where(_bcast(uphill, d), -g * _bcast(gamma, g), d)
+            slope = _dot(g, d)
+        step = torch.ones_like(f)
+        accepted = torch.zeros_like(f, dtype=torch.bool)
+        x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
+        while calls < evaluations and not accepted.all():
+            trial = x + _bcast(step, x) * d
+            f_trial, g_trial = energy_and_grad(trial)
+            calls += 1
+            ok = ~accepted & torch.isfinite(f_trial) & (f_trial <= f + armijo * step * slope)
+            x_new[ok], f_new[ok], g_new[ok] = trial[ok], f_trial[ok], g_trial[ok]
+            accepted |= ok
+            step = torch.where(accepted, step, step / 2)
+            if on_step is not None:
+                on_step(calls, x_new)
+        s, y = x_new - x, g_new - g
+        sy, yy = _dot(s, y), _dot(y, y)
+        usable = accepted & (sy > 1e-10 * yy.sqrt() * _dot(s, s).sqrt())
+        pairs.append((s, y, torch.where(usable, 1.0 / sy.clamp_min(1e-30), torch.zeros_like(sy))))
+        pairs = pairs[-history:]
+        gamma = torch.where(usable, sy / yy.clamp_min(1e-30), gamma)
+        x, f, g = x_new, f_new, g_new
+    return x
+
+
+def descend(scattering: Scattering, start: torch.Tensor, objective: Objective, cfg: RefineConfig,
+            on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Minimise objective(S_J x) (+ tv · TV(x)) over x ∈ [−1, 1]^(3×N×N) from x = start (B, 3, N, N).
+
+    `cfg.steps` counts gradient evaluations for both optimisers. on_step(i, x), if given,
+    sees the images after i evaluations (benchmarks trace with it)."""
+    def energy(x: torch.Tensor) -> torch.Tensor:
+        e = objective(scattering(x).reshape(x.shape[0], -1))
+        return e + cfg.tv * total_variation(x) if cfg.tv > 0 else e
+
+    x = start.detach().float().clone().clamp_(-1, 1)
+    with torch.enable_grad():
+        if cfg.optimizer == "adam":
+            x.requires_grad_(True)
+            opt = torch.optim.Adam([x], lr=cfg.lr)
+            for i in range(cfg.steps):
+                opt.zero_grad(set_to_none=True)
+                energy(x).sum().backward()  # images are independent: the sum's gradient is each one's
+                opt.step()
+                with torch.no_grad():
+                    x.clamp_(-1, 1)
+                if on_step is not None:
+                    on_step(i + 1, x.detach())
+        elif cfg.optimizer == "lbfgs":
+            def energy_and_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                x = x.detach().requires_grad_(True)
+                e = energy(x)
+                (grad,) = torch.autograd.grad(e.sum(), x)
+                return e.detach(), grad
+
+            # Unconstrained, then clipped: the box is rarely active away from the start's edges.
+            x = lbfgs(x, energy_and_grad, cfg.steps,
+                      on_step=None if on_step is None else lambda i, x: on_step(i, x.clamp(-1, 1)))
+            x.clamp_(-1, 1)
+        else:
+            raise ValueError(f"refine.optimizer must be 'adam' or 'lbfgs', got {cfg.optimizer!r}")
+    return x.detach()
+
+
+def _check(cfg: RefineConfig) -> None:
+    if cfg.steps < 0:
+        raise ValueError(f"refinement steps must be >= 0, got {cfg.steps}; 0 turns refinement off")
+    if cfg.batch_size < 1:
+        raise ValueError(f"refinement batch_size must be >= 1, got {cfg.batch_size}")
+
+
+def refine_reconstructions(scattering: Scattering, start: torch.Tensor, images: torch.Tensor,
+                           cfg: RefineConfig) -> torch.Tensor:
+    """Refine G(L S_J x_t) = start (B, 3, N, N) towards the full S_J x_t of images (B, 3, N, N)."""
+    _check(cfg)
+    if cfg.steps == 0:
+        return start
+    device = next(iter(scattering.buffers()), torch.empty(0)).device
+    out = []
+    for x0, xt in zip(start.split(cfg.batch_size), images.split(cfg.batch_size)):
+        x0, xt = x0.to(device), xt.to(device)
+        with torch.no_grad():
+            target = scattering(xt.float()).reshape(len(xt), -1)
+        out.append(descend(scattering, x0, image_objective(target), cfg).cpu())
+    return torch.cat(out)
+
+
+def refine_decodings(scattering: Scattering, whitening: Whitening, start: torch.Tensor, codes: torch.Tensor,
+                     cfg: RefineConfig, known: int | None = None) -> torch.Tensor:
+    """Refine G(z) = start (B, 3, N, N) so that L S_J x matches the codes z (B, d), or their
+    `known` leading components."""
+    _check(cfg)
+    if cfg.steps == 0:
+        return start
+    device = whitening.mean.device
+    out = []
+    for x0, z in zip(start.split(cfg.batch_size), codes.split(cfg.batch_size)):
+        x0, z = x0.to(device), z.to(device)
+        with torch.no_grad():
+            start_coeffs = scattering(x0.float()).reshape(len(x0), -1)
+        objective = code_objective(whitening, z, start_coeffs, cfg.weighting, cfg.anchor, known)
+        out.append(descend(scattering, x0, objective, cfg).cpu())
+    return torch.cat(out)

@@ -1,0 +1,107 @@
+from dataclasses import replace
+
+import pytest
+import torch
+
+import scatgen
+from scatgen.evaluation import load_split
+from scatgen.config import RefineConfig
+from scatgen.metrics import psnr
+from scatgen.pictures import to_unit
+from scatgen.refinement import (
+    code_objective, descend, image_objective, refine_decodings, refine_reconstructions, total_variation,
+)
+
+
+@pytest.fixture(scope="module")
+def pipe(run_dir):
+    return scatgen.load(run_dir)
+
+
+@pytest.fixture(scope="module")
+def batch(pipe):
+    test = load_split(pipe, "test")
+    images = torch.stack([test[i] for i in range(6)])
+    codes = pipe.encode(images)
+    return images, codes, pipe.decode(codes, refine=0)
+
+
+def energy(pipe, objective, x):
+    with torch.no_grad():
+        return objective(pipe.scattering(x).reshape(len(x), -1))
+
+
+def test_full_refinement_lowers_its_objective_and_raises_psnr(pipe, batch):
+    images, _, start = batch
+    cfg = RefineConfig(steps=30, lr=0.01)
+    refined = refine_reconstructions(pipe.scattering, start, images, cfg)
+    with torch.no_grad():
+        objective = image_objective(pipe.scattering(images).reshape(len(images), -1))
+    before, after = energy(pipe, objective, start), energy(pipe, objective, refined)
+    assert (after < 0.5 * before).all()
+    gain = psnr(to_unit(refined), to_unit(images)) - psnr(to_unit(start), to_unit(images))
+    assert gain.mean() > 1.0
+    assert refined.abs().max() <= 1
+
+
+def test_code_refinement_lowers_its_objective_and_the_cycle_error(pipe, batch):
+    _, codes, start = batch
+    for optimizer in ("adam", "lbfgs"):
+        cfg = RefineConfig(steps=30, lr=0.01, optimizer=optimizer)
+        refined = refine_decodings(pipe.scattering, pipe.whitening, start, codes, cfg)
+        with torch.no_grad():
+            start_coeffs = pipe.scattering(start).reshape(len(start), -1)
+        objective = code_objective(pipe.whitening, codes, start_coeffs, weighting=0.0, anchor=1.0)
+        assert (energy(pipe, objective, refined) < energy(pipe, objective, start)).all(), optimizer
+        cycle = lambda x: ((pipe.encode(x) - codes).norm(dim=1) / codes.norm(dim=1)).mean()  # noqa: E731
+        assert cycle(refined) < cycle(start), optimizer
+
+
+def test_anchor_holds_the_coefficients_the_code_does_not_fix(pipe, batch):
+    _, codes, start = batch
+    w = pipe.whitening
+
+    def off_span(x):
+        with torch.no_grad():
+            c = pipe.scattering(x).reshape(len(x), -1) - w.mean
+            return c - (c @ w.basis) @ w.basis.T
+
+    drift = {}
+    for anchor in (0.0, 10.0):
+        cfg = RefineConfig(steps=30, lr=0.01, anchor=anchor)
+        refined = refine_decodings(pipe.scattering, w, start, codes, cfg)
+        drift[anchor] = (off_span(refined) - off_span(start)).norm(dim=1).mean()
+    assert drift[10.0] < drift[0.0]
+
+
+def test_total_variation_on_constructed_images():
+    flat = torch.zeros(2, 3, 8, 8)
+    assert torch.equal(total_variation(flat), torch.zeros(2))
+    edge = flat.clone()
+    edge[:, :, :, 4:] = 1.0  # one vertical edge of height 1, 8 rows, 3 channels
+    assert torch.allclose(total_variation(edge), torch.full((2,), 24.0))
+
+
+def test_tv_regulariser_smooths(pipe, batch):
+    images, _, start = batch
+    noisy = (start + 0.1 * torch.randn(start.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    with torch.no_grad():
+        objective = image_objective(pipe.scattering(images).reshape(len(images), -1))
+    plain = descend(pipe.scattering, noisy, objective, RefineConfig(steps=10, lr=0.01))
+    smooth = descend(pipe.scattering, noisy, objective, RefineConfig(steps=10, lr=0.01, tv=10.0))
+    assert total_variation(smooth).mean() < total_variation(plain).mean()
+
+
+def test_pipeline_refine_argument(pipe, batch):
+    images, codes, start = batch
+    assert torch.equal(pipe.decode(codes, refine=0), start)
+    refined = pipe.decode(codes, refine=2)
+    assert refined.shape == start.shape and not torch.equal(refined, start)
+    # None means the bundle's refine.steps (3 in the tiny config).
+    torch.testing.assert_close(pipe.decode(codes), pipe.decode(codes, refine=pipe.cfg.refine.steps))
+    assert pipe.reconstruct(images, refine=2).shape == images.shape
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="refine must be a number of steps >= 0"):
+            pipe.decode(codes, refine=bad)
+    with pytest.raises(ValueError, match="refine.optimizer"):
+        refine_decodings(pipe.scattering, pipe.whitening, start, codes, replace(pipe.cfg.refine, optimizer="sgd"))
