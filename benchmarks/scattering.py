@@ -3,12 +3,15 @@
     python benchmarks/scattering.py                   # CPU, sizes 64 128, batches 16 64 128
     python benchmarks/scattering.py --quick           # one short configuration
     python benchmarks/scattering.py --device cuda     # GPU, plus TF32 / bf16 variants
+    python benchmarks/scattering.py --backward --sizes 32 64 --J 3   # forward + backward (refinement's cost)
 
 Input (B, 3, N, N), J=4, L=8 (as used by scatgen). Every (backend, size, batch) runs
 in a fresh subprocess, so CPU peak memory is that process's ru_maxrss (reported as
 growth over the RSS before the first forward); on GPU it is the growth of
 torch.cuda.max_memory_allocated. Throughput: images/s (one image = 3 maps), median
-of --repeats timed forwards after one warm-up forward, under torch.no_grad().
+of --repeats timed forwards after one warm-up forward, under torch.no_grad(); with
+--backward, of forward plus backward of ‖S x‖² with respect to the images, which is
+what every refinement step costs.
 
 kymatio is several times slower than the fast path on CPU, so there it is timed on a
 sub-batch of --kymatio-max-batch images (its cost is linear in the batch: every op is
@@ -69,8 +72,15 @@ def worker(a: argparse.Namespace) -> dict:
     x = torch.rand(a.batch, 3, a.size, a.size, generator=gen).to(device)
 
     def run(inp):
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant == "bf16"):
-            out = module(inp)
+        if a.backward:
+            inp = inp.detach().requires_grad_(True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant == "bf16"):
+                out = module(inp)
+            out.float().square().sum().backward()
+            out = out.detach()
+        else:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant == "bf16"):
+                out = module(inp)
         if cuda:
             torch.cuda.synchronize()
         return out
@@ -138,7 +148,7 @@ def machine_info(device: str) -> str:
 def run_worker(args: argparse.Namespace, **kw) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker"]
     opts = dict(device=args.device, J=args.J, L=args.L, cache_dir=args.cache_dir, variant="fp32", warmup_batch=0,
-                threads=args.threads)
+                threads=args.threads, backward=args.backward)
     opts.update(kw)
     for k, v in opts.items():
         if isinstance(v, bool):
@@ -164,6 +174,7 @@ def main() -> None:
     p.add_argument("--no-kymatio", action="store_true")
     p.add_argument("--no-lowp", action="store_true", help="CUDA: skip the TF32 / bf16 variants")
     p.add_argument("--quick", action="store_true", help="size 64, batch 16, 1 repeat")
+    p.add_argument("--backward", action="store_true", help="time forward plus backward instead of forward")
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads in each worker (0: torch's default). On a shared, "
                    "oversubscribed CPU, 1 thread gives far more stable numbers than OpenMP's spinning")
@@ -191,7 +202,8 @@ def main() -> None:
     print(machine_info(args.device))
     if args.threads:
         print(f"workers use torch.set_num_threads({args.threads})")
-    print(f"J={args.J}, L={args.L}, input (B, 3, N, N) float32, device {args.device}, "
+    print(f"{'forward + backward' if args.backward else 'forward'}, "
+          f"J={args.J}, L={args.L}, input (B, 3, N, N) float32, device {args.device}, "
           f"median of {args.repeats} (kymatio: {krep}) after a warm-up\n", flush=True)
 
     rows = []

@@ -10,8 +10,9 @@ instead of white noise: it moves x₀ = G(z) until S_J x matches a target.
         E(x) = Σ_k λ_k^(−α) (u_kᵀ(S_J x − μ) − λ_k^(1/2) z_k)²  +  β ‖(I − UUᵀ)(S_J x − S_J x₀)‖²
 
 α = 0 compares PCA coordinates, α = 1 whitened ones. The β term ("anchor") holds the
-D − d coefficients that the code does not fix where G put them. Pixels stay in [−1, 1]
-(projected gradient). Every image has its own objective; a batch is refined at once.
+D − d coefficients that the code does not fix where G put them; without it they drift into
+streaks. Every image has its own objective and, with L-BFGS, its own line search, so a batch
+is refined at once and no result depends on its batch. Pixels end in [−1, 1].
 """
 
 from __future__ import annotations
