@@ -127,6 +127,8 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
     start = time.time()
     refine_cfg = pipe.refine_settings(refine)
     priors = list(pipe.priors) if priors is None else priors
+    if not priors:
+        raise ValueError("evaluate needs at least one prior to sample from, e.g. priors=['normal']")
     for kind in priors:
         if kind not in pipe.priors:
             raise ValueError(f"no '{kind}' prior in this bundle (it has {', '.join(pipe.priors)}); "
@@ -166,10 +168,10 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
         p, s = psnr(to_unit(images), to_unit(real)), ssim(to_unit(images), to_unit(real))
         report[f"test_reconstruction_{kind}_first_n"] = {"psnr": p[torch.isfinite(p)].mean().item(),
                                                           "ssim": s.mean().item(), "n": n}
-    normal = samples.get("normal") or samples[priors[0]]
-    codes = sample_codes["normal" if "normal" in samples else priors[0]]
-    report["cycle_error"] = {kind: cycle_errors(pipe, codes, images) for kind, images in normal.items()}
-    report["cycle_error"]["prior"] = "normal" if "normal" in samples else priors[0]
+    cycle_prior = "normal" if "normal" in samples else priors[0]
+    report["cycle_error"] = {kind: cycle_errors(pipe, sample_codes[cycle_prior], images)
+                             for kind, images in samples[cycle_prior].items()}
+    report["cycle_error"]["prior"] = cycle_prior
     report["refinement"] = {
         "steps": refine_cfg.steps, "optimizer": refine_cfg.optimizer, "lr": refine_cfg.lr,
         "weighting": refine_cfg.weighting, "anchor": refine_cfg.anchor, "tv": refine_cfg.tv,
