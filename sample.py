@@ -27,7 +27,7 @@ from PIL import Image
 import scatgen
 from scatgen.data import load_image
 from scatgen.evaluation import evaluate, load_split, markdown_table, reconstruction_metrics, write_report
-from scatgen.pictures import enlarge, grid, rows_grid, save_gif, save_png, to_pil, to_unit
+from scatgen.pictures import display_scale, enlarge, grid, rows_grid, save_gif, save_png, to_pil, to_unit
 from scatgen.prior import PRIOR_KINDS
 from scatgen.utils import atomic_path
 
@@ -71,18 +71,13 @@ def endpoint(pipe, spec: str, data_root: str | None, prior: str | None) -> torch
     return user_image(spec, pipe.image_size)
 
 
-def scale(pipe) -> int:
-    """Enlargement for pictures: 32² thumbnails hide blur, so small images are shown ×4 (nearest)."""
-    return max(1, 128 // pipe.image_size)
-
-
 def cmd_sample(pipe, args) -> None:
     samples = pipe.sample(args.n, seed=args.seed, temperature=args.temperature, prior=args.prior, refine=args.refine)
     out = out_dir(args)
     prior = args.prior or pipe.default_prior
     refine = pipe.refine_settings(args.refine).steps
     name = f"samples-{prior}-refine{refine}-seed{args.seed}-t{args.temperature:g}.png"
-    path = save_png(enlarge(grid(samples, nrow=args.nrow), scale(pipe)), out / name)
+    path = save_png(enlarge(grid(samples, nrow=args.nrow), display_scale(pipe.image_size)), out / name)
     if args.individual:
         for i, image in enumerate(samples):
             to_pil(to_unit(image)).save(out / f"sample-{args.seed}-{i:04d}.png")
@@ -97,8 +92,8 @@ def cmd_interpolate(pipe, args) -> None:
     path_images = pipe.interpolate(a, b, steps=args.steps, spherical=args.spherical, refine=args.refine, known=known)
     out = out_dir(args)
     stem = f"interpolation-{args.a}-{args.b}".replace(":", "").replace("/", "_")[:80]
-    save_png(enlarge(grid(path_images, nrow=args.steps), scale(pipe)), out / f"{stem}.png")
-    save_gif(path_images, out / f"{stem}.gif", scale=scale(pipe))
+    save_png(enlarge(grid(path_images, nrow=args.steps), display_scale(pipe.image_size)), out / f"{stem}.png")
+    save_gif(path_images, out / f"{stem}.gif", scale=display_scale(pipe.image_size))
     print(f"wrote {out / stem}.png and .gif")
 
 
@@ -131,7 +126,8 @@ def cmd_reconstruct(pipe, args) -> None:
     metrics.pop("codes")
     out = out_dir(args)
     # Rows: originals, G, and (with refinement) refined, for each group of nrow images.
-    save_png(enlarge(rows_grid(pictures, nrow=args.nrow), scale(pipe)), out / "reconstructions.png")
+    picture = enlarge(rows_grid(pictures, nrow=args.nrow), display_scale(pipe.image_size))
+    save_png(picture, out / "reconstructions.png")
     with atomic_path(out / "reconstructions.json") as tmp:
         tmp.write_text(json.dumps({"mean": metrics, "refine_steps": refine, "images": per_image}, indent=2))
     for row in per_image:

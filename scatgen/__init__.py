@@ -1,6 +1,6 @@
 """scatgen: generative scattering networks.
 
-image → scattering → whitening → code → generator → image
+image → scattering → whitening → code → (prior) → generator → (refinement) → image
 """
 
 from scatgen.config import Config, load_config

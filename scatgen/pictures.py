@@ -21,6 +21,11 @@ def grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
     return make_grid(to_unit(images), nrow=nrow, padding=2, pad_value=1.0)
 
 
+def display_scale(image_size: int) -> int:
+    """How much to enlarge pictures of N×N images: ×4 at 32², none from 128² on."""
+    return max(1, 128 // image_size)
+
+
 def enlarge(picture: torch.Tensor, factor: int = 4) -> torch.Tensor:
     """Nearest-neighbour upscaling of a (3, H, W) picture: 32² thumbnails hide blur."""
     if factor < 1:

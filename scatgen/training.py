@@ -31,9 +31,10 @@ from scatgen.config import Config, save_config
 from scatgen.data import build_dataset, collate_skip_none
 from scatgen.generators import Generator, build_generator
 from scatgen.metrics import psnr
-from scatgen.pictures import enlarge, grid, rows_grid, save_png, to_unit
+from scatgen.pictures import display_scale, enlarge, grid, rows_grid, save_png, to_unit
 from scatgen.pipeline import Pipeline, lerp
 from scatgen.prior import CodePrior, fit_prior
+from scatgen.refinement import refine_reconstructions
 from scatgen.utils import atomic_path, progress_bar
 
 
@@ -280,10 +281,12 @@ class Trainer:
         pipe = Pipeline(generator, self.whitening, self.cfg, scattering=self.scattering,
                         device=self.accelerator.device, priors=priors)
         refining = self.cfg.refine.steps > 0
-        factor = max(1, 128 // pipe.image_size)
+        factor = display_scale(pipe.image_size)
         codes, images = self._fixed_test_batch(32)
         recons = pipe.decode(codes, refine=0)
-        rows = [images, recons] + ([pipe.reconstruct(images)] if refining else [])
+        rows = [images, recons]
+        if refining:
+            rows.append(refine_reconstructions(pipe.scattering, recons, images, pipe.refine_settings()))
         save_png(enlarge(rows_grid(rows), factor), self.paths.images / "reconstructions.png")
         samples = pipe.sample(64, seed=self.cfg.run.seed)
         save_png(enlarge(grid(samples), factor), self.paths.images / "samples.png")
