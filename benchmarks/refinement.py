@@ -11,8 +11,6 @@ evaluations, the SSIM and code cycle error ‖L S_J x − z‖/‖z‖ at the en
 """
 
 import argparse
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -23,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import scatgen  # noqa: E402
-from scatgen.evaluation import load_split  # noqa: E402
+from scatgen.evaluation import cpu_or_gpu_name, load_split  # noqa: E402
 from scatgen.metrics import psnr, ssim  # noqa: E402
 from scatgen.pictures import enlarge, grid, save_png, to_unit  # noqa: E402
 from scatgen.refinement import code_objective, descend, image_objective  # noqa: E402
@@ -43,14 +41,6 @@ VARIANTS = {
     "code-lbfgs-a0-b1-tv0.001": ("code", dict(optimizer="lbfgs", weighting=0.0, anchor=1.0, tv=0.001)),
     "code-lbfgs-a0-b1-tv0.0001": ("code", dict(optimizer="lbfgs", weighting=0.0, anchor=1.0, tv=0.0001)),
 }
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -73,7 +63,7 @@ def main() -> None:
         start_coeffs = scattering(start).reshape(len(images), -1)
     checkpoints = [c for c in (25, 50, 100, 200, 400) if c <= args.steps]
     out = Path(args.out)
-    print(f"run {args.run}, {len(images)} test images, {torch.get_num_threads()} torch threads, {cpu_model()}")
+    print(f"run {args.run}, {len(images)} test images, {cpu_or_gpu_name(pipe.device)}")
     print(f"G alone: PSNR {psnr(to_unit(start), to_unit(images)).mean():.2f} dB, "
           f"SSIM {ssim(to_unit(start), to_unit(images)).mean():.4f}")
     header = ["variant", "target"] + [f"PSNR@{c}" for c in checkpoints] + ["SSIM", "cycle err", "s / 64 img"]
