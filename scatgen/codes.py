@@ -28,11 +28,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from scatgen.config import Config
 from scatgen.data import build_dataset, collate_skip_none
+from scatgen.integrity import CorruptFileError, tensors_sha256
 from scatgen.scattering import Scattering
 from scatgen.utils import atomic_path, progress_bar
 from scatgen.whitening import Whitening, fit_whitening
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries carry a checksum
 
 
 @dataclass
@@ -221,8 +222,9 @@ def encode_split(cfg: Config, split: str, scattering: Scattering, whitening: Whi
     if _rank_world()[0] == 0:
         meta = dict(key_parts, split=split, num_skipped=skipped)
         with atomic_path(path) as tmp:
-            save_file({"codes": codes.contiguous(), "indices": indices.contiguous()}, str(tmp),
-                      metadata={"scatgen_codes": json.dumps(meta, default=str)})
+            tensors = {"codes": codes.contiguous(), "indices": indices.contiguous()}
+            meta["sha256"] = tensors_sha256(tensors)
+            save_file(tensors, str(tmp), metadata={"scatgen_codes": json.dumps(meta, default=str)})
     return CodeSet(codes, indices, skipped)
 
 
@@ -234,6 +236,8 @@ def load_codes(path: Path) -> CodeSet | None:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["scatgen_codes"])
             codes, indices = f.get_tensor("codes"), f.get_tensor("indices")
+        if meta.get("sha256") != tensors_sha256({"codes": codes, "indices": indices}):
+            raise CorruptFileError("its checksum differs from the one stored with it")
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         warnings.warn(f"ignoring a corrupt code cache entry '{path}' ({e}); recomputing")
         return None

@@ -105,6 +105,7 @@ class RunConfig:
     cache_dir: str = ".cache/scatgen"  # code and filter cache
     seed: int = 0  # global seed: data order, initialisation, noise
     resume: str = ""  # "" | latest | path to a checkpoint folder
+    overwrite: bool = False  # start afresh in an out_dir that holds another run's checkpoints or bundle (deletes them)
 
 
 @dataclass
@@ -265,17 +266,30 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     flat: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"config file '{path}' is a directory; pass a YAML file such as configs/polygons.yaml")
         if not path.is_file():
             raise FileNotFoundError(f"config file '{path}' does not exist; see configs/ for examples")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"config file '{path}' is not valid YAML: {e}") from None
+        tree = read_yaml(path, "config file")
         flat.update(_flatten(tree))
     flat.update(overrides or {})
     _apply(cfg, flat)
     validate(cfg)
     return cfg
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's contents, or a one-line ValueError naming the file (unreadable, not UTF-8, not YAML)."""
+    try:
+        return yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} '{path}' is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ValueError(f"{what} '{path}' is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {what} '{path}': {e.strerror}") from None
 
 
 def config_from_dict(tree: dict) -> Config:
@@ -319,7 +333,19 @@ def validate(cfg: Config) -> None:
         (e.batch_size > 0, f"encoder.batch_size={e.batch_size} must be > 0"),
         (w.d > 0, f"whitening.d={w.d} must be > 0"),
         (w.power_iters >= 0 and w.oversample >= 0, "whitening.power_iters and whitening.oversample must be >= 0"),
-        (t.lr > 0, f"train.lr={t.lr} must be > 0"),
+        (math.isfinite(t.lr) and t.lr > 0, f"train.lr={t.lr} must be a finite number > 0"),
+        (all(0.0 <= b < 1.0 for b in t.betas), f"train.betas={list(t.betas)}: each must be in [0, 1)"),
+        (math.isfinite(t.weight_decay) and t.weight_decay >= 0,
+         f"train.weight_decay={t.weight_decay} must be a finite number >= 0"),
+        (math.isfinite(t.grad_clip) and t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 = off)"),
+        (math.isfinite(t.max_minutes) and t.max_minutes >= 0, f"train.max_minutes={t.max_minutes} must be >= 0"),
+        (t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0"),
+        (t.num_workers >= 0, f"train.num_workers={t.num_workers} must be >= 0 (0 = load in the main process)"),
+        (t.eval_images >= 1, f"train.eval_images={t.eval_images} must be >= 1"),
+        (t.grid_size >= 1, f"train.grid_size={t.grid_size} must be >= 1"),
+        (0 <= cfg.run.seed < 2**32, f"run.seed={cfg.run.seed} must be in [0, 2^32)"),
+        (0 <= d.seed < 2**32, f"data.seed={d.seed} must be in [0, 2^32)"),
+        (d.num_train >= 0 and d.num_test >= 0, "data.num_train and data.num_test must be >= 0 (0 = all)"),
         (0.0 <= t.code_noise < 1.0, f"train.code_noise={t.code_noise} must be in [0, 1)"),
         (t.batch_size > 0, f"train.batch_size={t.batch_size} must be > 0"),
         (t.max_steps > 0 or t.epochs > 0, "set train.max_steps > 0 or train.epochs > 0"),
@@ -343,6 +369,7 @@ def validate(cfg: Config) -> None:
     if w.d > scattering_dim:
         raise ValueError(f"whitening.d={w.d} exceeds the scattering dimension D={scattering_dim}; lower it")
     cfg.generator.validate()
+    cfg.generator.check_image_size(d.image_size, e.J)
 
 
 def scattering_channels(J: int, L: int) -> int:

@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,8 +25,10 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader, Dataset
 
 from scatgen.bundle import save_bundle
+from scatgen.checkpoints import (RunLock, RunPaths, checkpoint_step, intact_checkpoint, nonfinite_tensors,
+                                 resume_conflicts)
 from scatgen.codes import CodeSet, prepare_codes
-from scatgen.config import Config, save_config
+from scatgen.config import Config, config_to_dict, read_yaml, save_config
 from scatgen.data import build_dataset, collate_skip_none
 from scatgen.generators import Generator, build_generator
 from scatgen.metrics import psnr
@@ -35,6 +36,7 @@ from scatgen.pictures import display_scale, enlarge, grid, rows_grid, save_png, 
 from scatgen.pipeline import Pipeline, lerp
 from scatgen.prior import CodePrior, fit_prior
 from scatgen.refinement import refine_reconstructions
+from scatgen.integrity import CorruptFileError, write_manifest
 from scatgen.utils import atomic_path, progress_bar
 
 
@@ -123,31 +125,6 @@ def test_psnr(generator: Generator, codes: torch.Tensor, images: torch.Tensor, b
     return values[torch.isfinite(values)].mean().item()
 
 
-@dataclass
-class RunPaths:
-    root: Path
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def model(self) -> Path:
-        return self.root / "model"
-
-    @property
-    def images(self) -> Path:
-        return self.root / "images"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    def latest_checkpoint(self) -> Path | None:
-        found = sorted(self.checkpoints.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-        return found[-1] if found else None
-
-
 class Trainer:
     """One trainer for every generator kind; runs unchanged on CPU, one GPU or many (accelerate)."""
 
@@ -167,13 +144,39 @@ class Trainer:
         )
         self.progress = progress and self.accelerator.is_main_process
         set_seed(cfg.run.seed)
-        if self.accelerator.is_main_process:
-            self.paths.root.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.paths.root / "config.yaml")
+        # Everything that can refuse the run does so here, before any encoding, and before
+        # config.yaml is written, so a refused command changes nothing on disk.
+        self.lock = RunLock(self.paths.root)
+        self._all_ranks_or_raise(self.lock.acquire if self.accelerator.is_main_process else None)
+        try:
+            self._setup()
+        except BaseException:
+            self.lock.release()  # a refused run must not keep the folder locked for the next attempt
+            raise
 
-        self.scattering, self.whitening, self.codesets = prepare_codes(cfg, self.accelerator.device, self.progress)
+    def _setup(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        # The main process checks first (it may move a corrupt checkpoint aside), then the others.
+        found: dict[str, Path | None] = {}
+
+        def check() -> None:
+            found["resume_from"] = self._check_run_directory()
+
+        main = self.accelerator.is_main_process
+        self._all_ranks_or_raise(check if main else None)
+        self._all_ranks_or_raise(None if main else check)
+        self.resume_from = found["resume_from"]
         self.train_images = build_dataset(cfg.data, "train")
         self.test_images = build_dataset(cfg.data, "test")
+        for split, dataset in (("train", self.train_images), ("test", self.test_images)):
+            if len(dataset) == 0:
+                raise ValueError(f"the {split} split of {cfg.data.name} at '{cfg.data.root}' is empty; "
+                                 f"check data.root and data.num_{split}")
+        if self.accelerator.is_main_process:
+            with atomic_path(self.paths.root / "config.yaml") as tmp:
+                save_config(cfg, tmp)
+
+        self.scattering, self.whitening, self.codesets = prepare_codes(cfg, self.accelerator.device, self.progress)
         train_codes = self.codesets["train"].codes
         self.code_variances = train_codes.var(0)
         n_train = len(train_codes)
@@ -192,47 +195,123 @@ class Trainer:
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.step = 0
         self.history: list[dict[str, float]] = []  # test PSNR against step and train_seconds
+        self.last_checkpoint: Path | None = None  # newest checkpoint known intact and finite
         self._stop_requested = False
+
+    def _all_ranks_or_raise(self, action) -> None:
+        """Run `action` (on the ranks that have one); if it fails on any rank, every rank raises,
+        so no rank is left waiting in a collective."""
+        error = None
+        try:
+            if action is not None:
+                action()
+        except (RuntimeError, ValueError, OSError) as e:
+            error = e
+        if self._any_rank(error is not None):
+            raise error if error is not None else RuntimeError("another process of this run failed to start")
+
+    def _check_run_directory(self) -> Path | None:
+        """The checkpoint to resume from (verified, its config compatible), or None for a fresh
+        run, which may not start over another run's checkpoints or bundle unless told to."""
+        cfg, paths = self.cfg, self.paths
+        if cfg.run.resume:
+            path = intact_checkpoint(paths, cfg.run.resume)
+            trained = path / "config.yaml" if (path / "config.yaml").is_file() else paths.root / "config.yaml"
+            if trained.is_file():
+                conflicts = resume_conflicts(read_yaml(trained, "checkpoint config"), cfg)
+                if conflicts:
+                    raise ValueError(
+                        f"cannot resume from {path}: the config changes what it was trained on "
+                        f"({'; '.join(conflicts)}). Resume with the checkpoint's values, or start a new run in "
+                        f"another --run.out_dir")
+            return path
+        previous = [p for p in (paths.latest_checkpoint(), paths.model / "bundle.json") if p is not None and p.exists()]
+        if previous and not cfg.run.overwrite:
+            raise ValueError(
+                f"run.out_dir '{paths.root}' already holds a run ({previous[0]}); continue it with "
+                f"--run.resume=latest, replace it with --run.overwrite=true, or choose another --run.out_dir")
+        if previous and self.accelerator.is_main_process:
+            for old in (paths.checkpoints, paths.model, paths.images, paths.logs, paths.root / "metrics.json"):
+                if old.is_dir():
+                    shutil.rmtree(old)
+                elif old.exists():
+                    old.unlink()
+        return None
 
     # -- checkpoints -------------------------------------------------------------------------------
 
+    def _no_good_checkpoint_note(self) -> str:
+        if self.last_checkpoint is not None:
+            return (f"the last good checkpoint is {self.last_checkpoint} (step {checkpoint_step(self.last_checkpoint)}); "
+                    f"lower train.lr (now {self.cfg.train.lr}) or enable train.grad_clip, then resume with "
+                    f"--run.resume=latest")
+        return (f"no checkpoint was saved before it; lower train.lr (now {self.cfg.train.lr}) or enable "
+                f"train.grad_clip and start the run again")
+
     def save_checkpoint(self) -> Path:
-        """accelerate state for step `self.step`, written to a temporary folder and renamed into place."""
+        """accelerate state for step `self.step` plus the config and a checksum manifest, written to a
+        temporary folder and renamed into place; refused if any weight or buffer is not finite."""
+        bad = nonfinite_tensors(self.accelerator.unwrap_model(self.model))
+        if self._any_rank(bool(bad)):
+            raise NonFiniteLossError(
+                f"the model became non-finite by step {self.step} ({', '.join(bad[:3]) or 'on another process'}"
+                f"{', …' if len(bad) > 3 else ''}), so no checkpoint was written; {self._no_good_checkpoint_note()}")
         final = self.paths.checkpoints / f"step-{self.step:07d}"
         tmp = self.paths.checkpoints / f".tmp-step-{self.step:07d}"
         acc = self.accelerator
-        if acc.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)
-        acc.wait_for_everyone()
         if acc.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps(
-                {"step": self.step, "total_steps": self.total_steps, "train_seconds": self.train_seconds,
-                 "history": self.history}))
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            for old in sorted(self.paths.checkpoints.glob("step-*"),
-                              key=lambda p: int(p.name.split("-")[1]))[:-self.cfg.train.keep_checkpoints]:
+            for stale in self.paths.checkpoints.glob(".tmp-step-*"):  # left by a killed run
+                shutil.rmtree(stale, ignore_errors=True)
+        acc.wait_for_everyone()
+        try:
+            acc.save_state(str(tmp), safe_serialization=True)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                (tmp / "trainer_state.json").write_text(json.dumps(
+                    {"step": self.step, "total_steps": self.total_steps, "train_seconds": self.train_seconds,
+                     "history": self.history}))
+                save_config(self.cfg, tmp / "config.yaml")
+                write_manifest(tmp)
+                if final.exists():
+                    shutil.rmtree(final)
+                tmp.rename(final)
+        finally:
+            if acc.is_main_process and tmp.exists():  # a failed write (disk full) leaves nothing behind
+                shutil.rmtree(tmp, ignore_errors=True)
+        if acc.is_main_process:
+            kept = [p for p in self.paths.checkpoint_list() if checkpoint_step(p) <= self.step]
+            for old in kept[:-self.cfg.train.keep_checkpoints]:
                 shutil.rmtree(old)
         acc.wait_for_everyone()
+        self.last_checkpoint = final
         return final
 
-    def resume(self, where: str) -> None:
-        path = self.paths.latest_checkpoint() if where == "latest" else Path(where)
-        if path is None:
-            raise FileNotFoundError(f"--run.resume=latest: no checkpoint under {self.paths.checkpoints}")
-        if not (path / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"'{path}' is not a scatgen checkpoint (no trainer_state.json)")
+    def resume(self, path: Path) -> None:
+        """Load a checkpoint chosen (and verified) by _check_run_directory; then apply the fields a
+        resume may change, which the restored optimizer and scheduler would otherwise override."""
         try:
             self.accelerator.load_state(str(path))
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise ValueError(f"checkpoint '{path}' does not fit this config ({str(e).splitlines()[0]}); "
-                             f"resume with the config it was trained with") from None
-        state = json.loads((path / "trainer_state.json").read_text())
-        self.step, self.train_seconds, self.history = state["step"], state["train_seconds"], state["history"]
-        self.accelerator.print(f"resumed from {path} at step {self.step}")
+            state = json.loads((path / "trainer_state.json").read_text())
+            self.step, self.train_seconds, self.history = state["step"], state["train_seconds"], state["history"]
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"checkpoint '{path}' cannot be loaded ({str(e).splitlines()[0]}); resume from "
+                             f"another checkpoint, or start afresh with --run.overwrite=true") from None
+        t = self.cfg.train
+        self.scheduler.base_lrs = [t.lr for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"], group["weight_decay"] = t.lr, t.weight_decay
+            group["lr"] = t.lr * lr_factor(self.step, self.cfg, self.total_steps, self.train_seconds)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        # Checkpoints after this one belong to a run that went on from here; set them aside so that
+        # neither pruning nor a later --run.resume=latest mixes the two.
+        if self.accelerator.is_main_process:
+            for later in self.paths.checkpoint_list():
+                if checkpoint_step(later) > self.step:
+                    later.rename(later.with_name(f"superseded-{later.name}"))
+                    self.accelerator.print(f"notice: {later.name} is newer than the resumed step; "
+                                           f"moved to superseded-{later.name}")
+        self.last_checkpoint = path
+        self.accelerator.print(f"resumed from {path} at step {self.step} (lr {t.lr:g})")
 
     # -- evaluation and pictures -------------------------------------------------------------------
 
@@ -325,9 +404,17 @@ class Trainer:
         return stop or (max_minutes > 0 and seconds > 60 * max_minutes)
 
     def train(self) -> dict[str, float]:
+        """Train to the budget, then write the bundle, pictures and metrics.json; the run folder's
+        lock is released however this ends."""
+        try:
+            return self._train()
+        finally:
+            self.lock.release()
+
+    def _train(self) -> dict[str, float]:
         cfg, t, acc = self.cfg, self.cfg.train, self.accelerator
-        if cfg.run.resume:
-            self.resume(cfg.run.resume)
+        if self.resume_from is not None:
+            self.resume(self.resume_from)
         acc.init_trackers("tensorboard")
         dataset = CodedImages(self.train_images, self.codesets["train"])
         sampler = StepBatches(len(dataset), t.batch_size, cfg.run.seed, self.step, self.total_steps,
@@ -364,10 +451,8 @@ class Trainer:
                 with acc.accumulate(self.model), acc.autocast():
                     _, loss = self.model(codes, images, loss=t.loss)
                 if self._any_rank(not torch.isfinite(loss).item()):
-                    raise NonFiniteLossError(
-                        f"the loss became {loss.item()} at step {self.step}; the last good checkpoint is kept in "
-                        f"{self.paths.checkpoints}. Lower train.lr (now {t.lr}) or enable train.grad_clip, then "
-                        f"resume with --run.resume=latest")
+                    raise NonFiniteLossError(f"the loss became {loss.item()} at step {self.step}; "
+                                             f"{self._no_good_checkpoint_note()}")
                 acc.backward(loss)
                 if t.grad_clip > 0:
                     acc.clip_grad_norm_(self.model.parameters(), t.grad_clip)

@@ -91,7 +91,15 @@ class Whitening(nn.Module):
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:
             raise ValueError(f"whitening file '{path}' is unreadable or corrupt ({e}); delete it and refit") from None
         meta.pop("eigenvalues", None)
-        return cls(tensors["mean"], tensors["basis"], tensors["eigenvalues"], meta)
+        try:
+            whitening = cls(tensors["mean"], tensors["basis"], tensors["eigenvalues"], meta)
+        except KeyError as e:
+            raise ValueError(f"whitening file '{path}' is corrupt (no tensor {e}); delete it and refit") from None
+        # The fingerprint hashes the tensors at save time: a mismatch means the bytes changed since.
+        if meta.get("fingerprint") != whitening.fingerprint():
+            raise ValueError(f"whitening file '{path}' is corrupt: its tensors do not match the fingerprint "
+                             f"stored with them; delete it and refit")
+        return whitening
 
 
 def _all_reduce_(*tensors: torch.Tensor) -> None:

@@ -16,6 +16,9 @@ class GeneratorConfig:
     def validate(self) -> None:
         """Raise ValueError on a bad value; subclasses extend."""
 
+    def check_image_size(self, image_size: int, J: int) -> None:
+        """Raise ValueError if this generator cannot produce `image_size`² images; subclasses restrict."""
+
 
 def regression_loss(recons: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
     """Mean absolute (l1) or squared (l2) error."""

@@ -40,6 +40,12 @@ class GSNConfig(GeneratorConfig):
         if not 0.0 < self.bn_momentum <= 1.0:
             raise ValueError(f"generator.bn_momentum={self.bn_momentum} must be in (0, 1]")
 
+    def check_image_size(self, image_size: int, J: int) -> None:
+        # Doubling blocks from a 4×4 start.
+        if image_size < 4 or image_size & (image_size - 1):
+            raise ValueError(f"data.image_size={image_size}: the gsn generator makes sizes 4·2^k (32, 64, 128, …); "
+                             f"pick one of those or generator.kind=sparse_deconv")
+
 
 def _norm(kind: str, channels: int, momentum: float) -> nn.Module:
     if kind == "batch":
