@@ -10,8 +10,10 @@ config → data → encode (scattering + whitening, cached) → train generator 
 
 import sys
 
+from scatgen.checkpoints import RunDirectoryInUse
 from scatgen.config import load_config, parse_overrides
 from scatgen.training import NonFiniteLossError, Trainer
+from scatgen.utils import describe_os_error
 
 
 def main(argv: list[str]) -> int:
@@ -29,8 +31,11 @@ def main(argv: list[str]) -> int:
         metrics = trainer.train()
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
+    except (ValueError, FileNotFoundError, NonFiniteLossError, RunDirectoryInUse) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # read-only or full disk, a path under a regular file, …
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return 1
 
     if trainer.accelerator.is_main_process:

@@ -6,6 +6,7 @@
       config.yaml             the resolved training config
       bundle.json             format version and the shapes that must agree
       priors/KIND.safetensors the fitted code priors (optional; without one, sampling uses N(0, I))
+      checksums.json          sha256 of every file above, checked on load (bundles from before it load unchecked)
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from scatgen.config import Config, config_from_dict, config_to_dict
+from scatgen.config import Config, config_from_dict, config_to_dict, read_yaml
 from scatgen.generators import Generator, build_generator
+from scatgen.integrity import CorruptFileError, update_manifest, verify_manifest, write_manifest
 from scatgen.prior import CodePrior, load_prior, save_prior
 from scatgen.utils import atomic_path
 from scatgen.whitening import Whitening
@@ -48,13 +51,16 @@ def save_bundle(path: str | Path, generator: Generator, whitening: Whitening, cf
         (tmp / "bundle.json").write_text(json.dumps(info, indent=2))
         for prior in priors or []:
             save_prior(prior, tmp / "priors" / f"{prior.kind}.safetensors")
+        write_manifest(tmp)
     return path
 
 
 def add_prior(path: str | Path, prior: CodePrior) -> Path:
     """Write (or replace) one prior inside an existing bundle, atomically."""
     path = find_bundle(path)
-    return save_prior(prior, path / "priors" / f"{prior.kind}.safetensors")
+    saved = save_prior(prior, path / "priors" / f"{prior.kind}.safetensors")
+    update_manifest(path, f"priors/{prior.kind}.safetensors")
+    return saved
 
 
 def load_priors(path: str | Path) -> dict[str, CodePrior]:
@@ -89,11 +95,24 @@ def load_bundle(path: str | Path, expected: dict[str, Any] | None = None,
     for name in ("model.safetensors", "whitening.safetensors", "config.yaml"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"incomplete bundle '{path}': {name} is missing")
-    info = json.loads((path / "bundle.json").read_text())
+    try:
+        verify_manifest(path, required=False)
+    except CorruptFileError as e:
+        raise CorruptFileError(f"corrupt bundle: {e}; copy the bundle again or retrain") from None
+    try:
+        info = json.loads((path / "bundle.json").read_bytes().decode("utf-8"))
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"corrupt bundle: '{path / 'bundle.json'}' is not valid JSON ({e}); copy the bundle "
+                         f"again or retrain") from None
     if info.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"bundle '{path}' has format version {info.get('format_version')}, "
                          f"this scatgen reads version {FORMAT_VERSION}; retrain or use a matching scatgen")
-    cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+    tree = read_yaml(path / "config.yaml", "bundle config")
+    if not isinstance(tree, dict):
+        raise ValueError(f"corrupt bundle: '{path / 'config.yaml'}' is not a mapping of config sections")
+    cfg = config_from_dict(tree)
     whitening = Whitening.load(path / "whitening.safetensors")
     actual = bundle_info(cfg, whitening)
     sources = {"bundle.json": info, "whitening metadata": {**whitening.metadata, "d": whitening.d}}
@@ -108,7 +127,12 @@ def load_bundle(path: str | Path, expected: dict[str, Any] | None = None,
     generator = build_generator(cfg.generator, code_dim=whitening.d, image_size=cfg.data.image_size,
                                 J=cfg.encoder.J, L=cfg.encoder.L)
     try:
-        generator.load_state_dict(load_file(str(path / "model.safetensors")))
+        state = load_file(str(path / "model.safetensors"))
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"corrupt bundle: '{path / 'model.safetensors'}' is not a readable safetensors file "
+                         f"({str(e).splitlines()[0]}); copy the bundle again or retrain") from None
+    try:
+        generator.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"bundle '{path}': the weights do not fit the {cfg.generator.kind} generator its "
                          f"config describes ({str(e).splitlines()[0]}); the bundle is corrupt or mixed") from None

@@ -42,6 +42,10 @@ class CheckpointWarning(UserWarning):
     pass
 
 
+class RunDirectoryInUse(RuntimeError):
+    pass
+
+
 @dataclasses.dataclass
 class RunPaths:
     root: Path
@@ -98,7 +102,7 @@ class RunLock:
             holder = self.file.read().strip() or "another process"
             self.file.close()
             self.file = None
-            raise RuntimeError(
+            raise RunDirectoryInUse(
                 f"run.out_dir '{self.path.parent}' is in use by another scatgen run ({holder}); wait for it to "
                 f"finish or choose another --run.out_dir") from None
         self.file.seek(0)

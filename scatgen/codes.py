@@ -33,6 +33,11 @@ from scatgen.scattering import Scattering
 from scatgen.utils import atomic_path, progress_bar
 from scatgen.whitening import Whitening, fit_whitening
 
+try:
+    import fcntl
+except ImportError:  # Windows: stale spills are not detected
+    fcntl = None
+
 CACHE_VERSION = 2  # 2: entries carry a checksum
 
 
@@ -99,8 +104,11 @@ class CoeffSpill:
 
     def __init__(self, directory: str | Path) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
+        remove_stale_spills(directory)
         fd, self.path = tempfile.mkstemp(prefix=".spill-", suffix=".f32", dir=directory)
         self.file = os.fdopen(fd, "w+b")
+        if fcntl is not None:  # marks the file as in use; see remove_stale_spills
+            fcntl.flock(fd, fcntl.LOCK_EX)
         self.indices: list[torch.Tensor] = []
         self.complete = False
 
@@ -125,6 +133,22 @@ class CoeffSpill:
     def close(self) -> None:
         self.file.close()
         Path(self.path).unlink(missing_ok=True)
+
+
+def remove_stale_spills(directory: str | Path) -> None:
+    """Delete spill files left by killed runs. A live run holds a lock on its spill file, and the
+    kernel drops that lock when the process dies, so a spill we can lock is nobody's."""
+    if fcntl is None:
+        return
+    for path in Path(directory).glob(".spill-*.f32"):
+        try:
+            with open(path, "rb") as f:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                size = path.stat().st_size
+                path.unlink()
+        except (BlockingIOError, FileNotFoundError):
+            continue
+        warnings.warn(f"removed {path.name} ({size / 1e9:.2f} GB), a scattering spill left by a killed run")
 
 
 def _spill_fits(cfg: Config, scattering: Scattering, num_images: int) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import sys
@@ -40,6 +41,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for a failed file operation: what, where, and what to do about it."""
+    where = f" '{e.filename}'" if e.filename else ""
+    hint = {errno.ENOSPC: "free some disk space, or point run.out_dir / run.cache_dir at another disk",
+            errno.EDQUOT: "free some disk space, or point run.out_dir / run.cache_dir at another disk",
+            errno.EACCES: "choose a writable run.out_dir / run.cache_dir",
+            errno.EROFS: "choose a run.out_dir / run.cache_dir on a writable file system",
+            errno.ENOTDIR: "a part of the path is a regular file; choose another run.out_dir / run.cache_dir",
+            errno.EEXIST: "a file is in the way of a folder; choose another run.out_dir / run.cache_dir",
+            }.get(e.errno, "check the path and the disk")
+    return f"{e.strerror or e}{where}: {hint}"
 
 
 def progress_bar(iterable: Any = None, **kwargs: Any) -> tqdm:

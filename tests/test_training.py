@@ -12,6 +12,7 @@ from conftest import ROOT, as_args, run_script, tiny_overrides
 from scatgen.bundle import load_bundle, save_bundle
 from scatgen.codes import prepare_codes
 from scatgen.config import load_config
+from scatgen.integrity import write_manifest
 from scatgen.training import NonFiniteLossError, Trainer, lr_factor, noisy_codes
 
 
@@ -103,6 +104,9 @@ def test_bundle_roundtrip_and_mismatch_refused(tmp_path):
     info_path = tmp_path / "run" / "model" / "bundle.json"
     info = json.loads(info_path.read_text())
     info_path.write_text(json.dumps(dict(info, image_size=64)))
+    with pytest.raises(ValueError, match="corrupt bundle.*bundle.json"):  # the checksum notices first
+        load_bundle(tmp_path / "run")
+    write_manifest(tmp_path / "run" / "model")  # a consistent but contradictory bundle
     with pytest.raises(ValueError, match="image_size"):
         load_bundle(tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="no model bundle"):

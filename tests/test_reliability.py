@@ -1,0 +1,304 @@
+"""Runs that cannot silently go wrong: resume, checkpoints, caches, locks and one-line errors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT, as_args, run_script, tiny_overrides
+from scatgen.bundle import load_bundle
+from scatgen.checkpoints import CheckpointWarning, RunDirectoryInUse, resume_conflicts
+from scatgen.codes import CoeffSpill, prepare_codes, remove_stale_spills
+from scatgen.config import config_to_dict, load_config
+from scatgen.integrity import CorruptFileError, write_manifest
+from scatgen.training import NonFiniteLossError, Trainer, lr_factor
+
+CONFIG = str(ROOT / "configs" / "polygons.yaml")
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # equal thread counts, so that runs compared bit for bit reduce alike
+
+
+def _flip_bytes(path, offset_from_end=64, n=32):
+    data = bytearray(path.read_bytes())
+    start = max(0, len(data) - offset_from_end)
+    for i in range(start, min(len(data), start + n)):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _checkpoints(run):
+    return sorted(p.name for p in (run / "checkpoints").iterdir())
+
+
+# 1. a resume may change the learning rate, and the change takes effect --------------------------------------
+
+def test_resumed_learning_rate_takes_effect(tmp_path):
+    first = tiny_overrides(tmp_path, train__max_steps=6)
+    Trainer(load_config(None, first), progress=False).train()
+    resumed = dict(first, **{"train.lr": "1e-5", "train.max_steps": "12", "run.resume": "latest"})
+    trainer = Trainer(load_config(None, resumed), progress=False)
+    trainer.resume(trainer.resume_from)
+    expected = 1e-5 * lr_factor(6, trainer.cfg, 12)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+    trainer.scheduler.step()  # the schedule goes on from the new base rate
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-5 * lr_factor(7, trainer.cfg, 12))
+    trainer.lock.release()
+
+
+# 2. a checkpoint is good only if every weight and buffer is finite ---------------------------------------------
+
+def test_nonfinite_buffer_is_never_checkpointed(tmp_path):
+    trainer = Trainer(load_config(None, tiny_overrides(tmp_path)), progress=False)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    name, buffer = next((n, b) for n, b in model.named_buffers() if n.endswith("running_var"))
+    buffer.fill_(float("inf"))
+    with pytest.raises(NonFiniteLossError, match=f"non-finite.*{name}.*no checkpoint was saved before it"):
+        trainer.train()  # the first checkpoint falls due at step 6
+    assert not list((tmp_path / "run" / "checkpoints").glob("step-*"))
+
+
+def test_nan_message_names_the_checkpoint_it_keeps(tmp_path, monkeypatch):
+    trainer = Trainer(load_config(None, tiny_overrides(tmp_path)), progress=False)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    original, calls = model.generate, {"n": 0}
+
+    def poisoned(codes):
+        calls["n"] += 1
+        out = original(codes)
+        return out * float("nan") if model.training and calls["n"] > 8 else out
+
+    monkeypatch.setattr(model, "generate", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"last good checkpoint is .*step-0000006 \(step 6\)"):
+        trainer.train()
+
+
+# 3. resume refusals come before any work and leave config.yaml alone --------------------------------------
+
+@pytest.mark.parametrize("field,value", [("encoder.J", "2"), ("encoder.L", "2"), ("whitening.d", "16"),
+                                         ("data.image_size", "64"), ("generator.channels", "16")])
+def test_resume_refuses_a_changed_model_before_encoding(tmp_path, monkeypatch, field, value):
+    first = tiny_overrides(tmp_path, train__max_steps=6)
+    Trainer(load_config(None, first), progress=False).train()
+    config_before = (tmp_path / "run" / "config.yaml").read_bytes()
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("encoding started before the refusal")
+
+    monkeypatch.setattr("scatgen.training.prepare_codes", no_encoding)
+    changed = dict(first, **{field: value, "run.resume": "latest"})
+    with pytest.raises(ValueError, match=f"cannot resume.*{field}"):
+        Trainer(load_config(None, changed), progress=False)
+    assert (tmp_path / "run" / "config.yaml").read_bytes() == config_before
+
+
+def test_resume_conflicts_allow_budgets_cadence_and_lr():
+    old = load_config(None, {})
+    trained = yaml.safe_load(yaml.safe_dump(config_to_dict(old)))
+    allowed = load_config(None, {"train.lr": "1e-4", "train.max_steps": "9000", "train.max_minutes": "3",
+                                 "train.eval_every": "7", "train.checkpoint_every": "9", "prior.kind": "gmm",
+                                 "refine.steps": "5"})
+    assert resume_conflicts(trained, allowed) == []
+    refused = load_config(None, {"train.batch_size": "64", "run.seed": "3"})
+    assert [c.split(":")[0] for c in resume_conflicts(trained, refused)] == ["run.seed", "train.batch_size"]
+
+
+# 4. one run per folder -----------------------------------------------------------------------------------
+
+def test_fresh_run_into_a_used_folder_is_refused_unless_overwrite(tmp_path):
+    overrides = tiny_overrides(tmp_path, train__max_steps=6)
+    Trainer(load_config(None, overrides), progress=False).train()
+    with pytest.raises(ValueError, match="already holds a run.*--run.resume=latest.*--run.overwrite=true"):
+        Trainer(load_config(None, overrides), progress=False)
+    assert _checkpoints(tmp_path / "run") == ["step-0000006"]
+    # With overwrite the old run's checkpoints go, so pruning and resume see only the new run's.
+    again = dict(overrides, **{"run.overwrite": "true", "train.max_steps": "3", "train.checkpoint_every": "3"})
+    Trainer(load_config(None, again), progress=False).train()
+    assert _checkpoints(tmp_path / "run") == ["step-0000003"]
+
+
+def test_a_second_concurrent_run_is_refused(tmp_path):
+    overrides = tiny_overrides(tmp_path)
+    first = Trainer(load_config(None, overrides), progress=False)
+    with pytest.raises(RunDirectoryInUse, match="in use by another scatgen run"):
+        Trainer(load_config(None, overrides), progress=False)
+    first.lock.release()
+    Trainer(load_config(None, overrides), progress=False).lock.release()  # free again
+
+
+def test_concurrent_train_scripts_one_fails_clearly(tmp_path):
+    args = [str(ROOT / "train.py"), CONFIG, *as_args(tiny_overrides(tmp_path, train__max_steps=40))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    results = [p.communicate(timeout=600) + (p.returncode,) for p in procs]
+    codes = sorted(r[2] for r in results)
+    assert codes == [0, 1], [r[1][-500:] for r in results]
+    failed = next(r for r in results if r[2] == 1)
+    assert "in use by another scatgen run" in failed[1] and "Traceback" not in failed[1]
+
+
+# 5. bit rot is detected: caches recompute, checkpoints fall back, bundles refuse -----------------------------
+
+def test_corrupt_code_and_whitening_cache_are_recomputed(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path))
+    _, whitening, codesets = prepare_codes(cfg, progress=False)
+    cache = tmp_path / "cache"
+    code_file = next(cache.glob("codes-train-*.safetensors"))
+    whitening_file = next(cache.glob("whitening-*.safetensors"))
+    _flip_bytes(code_file)
+    _flip_bytes(whitening_file)
+    with pytest.warns(UserWarning) as record:
+        _, whitening2, codesets2 = prepare_codes(cfg, progress=False)
+    messages = " ".join(str(w.message) for w in record)
+    assert "corrupt code cache entry" in messages and "corrupt whitening cache entry" in messages
+    torch.testing.assert_close(codesets2["train"].codes, codesets["train"].codes)
+    assert whitening2.fingerprint() == whitening.fingerprint()
+    assert torch.isfinite(codesets2["train"].codes).all()
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    overrides = tiny_overrides(tmp_path)
+    Trainer(load_config(None, overrides), progress=False).train()
+    run = tmp_path / "run"
+    _flip_bytes(run / "checkpoints" / "step-0000012" / "model.safetensors")
+    with pytest.warns(CheckpointWarning, match="step-0000012.*model.safetensors.*corrupt"):
+        trainer = Trainer(load_config(None, dict(overrides, **{"run.resume": "latest"})), progress=False)
+    assert trainer.resume_from.name == "step-0000006"
+    assert "corrupt-step-0000012" in _checkpoints(run)
+    metrics = trainer.train()
+    assert metrics["steps"] == 12
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "bundle.json", "whitening.safetensors", "config.yaml"])
+def test_corrupt_bundle_is_an_error_naming_the_file(run_dir, tmp_path, name):
+    bundle = tmp_path / "model"
+    shutil.copytree(run_dir / "model", bundle)
+    _flip_bytes(bundle / name, offset_from_end=8, n=4)
+    with pytest.raises(CorruptFileError, match=f"corrupt bundle: .*{name}"):
+        load_bundle(bundle)
+
+
+@pytest.mark.parametrize("damage", ["truncate-model", "not-json", "not-yaml"])
+def test_damaged_bundle_without_checksums_is_still_a_one_line_error(run_dir, tmp_path, damage):
+    bundle = tmp_path / "model"
+    shutil.copytree(run_dir / "model", bundle)
+    (bundle / "checksums.json").unlink()  # as in a bundle written before checksums
+    if damage == "truncate-model":
+        data = (bundle / "model.safetensors").read_bytes()
+        (bundle / "model.safetensors").write_bytes(data[: len(data) // 2])
+        pattern = "model.safetensors' is not a readable safetensors file"
+    elif damage == "not-json":
+        (bundle / "bundle.json").write_text('{"format_version": 1, ')
+        pattern = "bundle.json' is not valid JSON"
+    else:
+        (bundle / "config.yaml").write_text("data: [unclosed\n")
+        pattern = "config.yaml' is not valid YAML"
+    with pytest.raises(ValueError, match=pattern):
+        load_bundle(bundle)
+
+
+def test_sample_script_reports_a_corrupt_bundle_in_one_line(run_dir, tmp_path):
+    bundle = tmp_path / "model"
+    shutil.copytree(run_dir / "model", bundle)
+    _flip_bytes(bundle / "model.safetensors")
+    result = run_script("sample.py", "sample", str(bundle), "--n", "4", "--refine", "0", "--out", str(tmp_path))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "model.safetensors" in result.stderr and "corrupt" in result.stderr
+
+
+# kills ------------------------------------------------------------------------------------------------------
+
+def _popen_train(overrides):
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), CONFIG, *as_args(overrides)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **ONE_THREAD})
+
+
+def _kill_when(proc, condition, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline, "timed out waiting for the moment to kill"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_after_a_checkpoint_then_resume_gives_the_straight_run(tmp_path):
+    # No wall-clock budget: its time-based learning-rate decay would differ between any two runs.
+    base = dict(train__max_steps=60, train__checkpoint_every=10, train__eval_every=30, train__max_minutes=0)
+    straight = tiny_overrides(tmp_path / "a", **base)
+    assert run_script("train.py", CONFIG, *as_args(straight), env=ONE_THREAD).returncode == 0
+    killed = tiny_overrides(tmp_path / "b", **base)
+    run = tmp_path / "b" / "run"
+    proc = _popen_train(killed)
+    _kill_when(proc, lambda: (run / "checkpoints" / "step-0000010").is_dir())
+    assert not (run / "model").exists()
+    result = run_script("train.py", CONFIG, *as_args(dict(killed, **{"run.resume": "latest"})), env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-2000:]
+    a, b = load_file(str(tmp_path / "a/run/model/model.safetensors")), load_file(str(run / "model/model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_sigkill_during_encoding_then_rerun_completes_and_leaves_no_spill(tmp_path):
+    overrides = tiny_overrides(tmp_path, data__num_train=2048, train__max_steps=3)
+    cache = tmp_path / "cache"
+    proc = _popen_train(overrides)
+    _kill_when(proc, lambda: any(cache.glob(".spill-*.f32")) and any(p.stat().st_size > 0 for p in cache.glob(".spill-*.f32")))
+    assert list(cache.glob(".spill-*.f32")), "the kill should leave the spill behind"
+    result = run_script("train.py", CONFIG, *as_args(overrides))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "scattering spill left by a killed run" in result.stderr
+    assert not list(cache.glob(".spill-*.f32"))
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 3
+
+
+def test_spill_in_use_is_not_removed(tmp_path):
+    spill = CoeffSpill(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        remove_stale_spills(tmp_path)
+    assert os.path.exists(spill.path)
+    spill.close()
+
+
+# one-line errors ---------------------------------------------------------------------------------------------
+
+def test_unwritable_out_dir_is_a_one_line_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    overrides = tiny_overrides(tmp_path, run__out_dir=blocker / "run")
+    result = run_script("train.py", CONFIG, *as_args(overrides))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "a part of the path is a regular file" in result.stderr or "Not a directory" in result.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--train.eval_images=0", "train.eval_images=0 must be >= 1"),
+    ("--train.betas=[0.9,1.5]", "train.betas"),
+    ("--run.seed=-3", "run.seed=-3"),
+    ("--train.lr=inf", "train.lr=inf must be a finite number"),
+    ("--data.image_size=48", "48"),
+])
+def test_bad_values_fail_before_any_work(tmp_path, tiny, override, message):
+    result = run_script("train.py", CONFIG, *as_args(tiny), override)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_manifest_detects_a_missing_file(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"123")
+    write_manifest(tmp_path)
+    (tmp_path / "a.bin").unlink()
+    from scatgen.integrity import verify_manifest
+    with pytest.raises(CorruptFileError, match="a.bin' is missing"):
+        verify_manifest(tmp_path)
