@@ -161,7 +161,7 @@ def fit_or_load_whitening(cfg: Config, scattering: Scattering, device: torch.dev
     """The whitening for cfg, from the cache or fitted on the train split (streamed).
 
     With a `spill`, the first pass stores the coeffs on disk and the later passes read them."""
-    train = build_dataset(cfg.data, "train")
+    train = build_dataset(cfg.data, "train", cfg.run.cache_dir, cfg.train.num_workers, progress)
     w = cfg.whitening
     if w.max_images and w.max_images < len(train):
         train = Subset(train, range(w.max_images))
@@ -218,7 +218,7 @@ def encode_split(cfg: Config, split: str, scattering: Scattering, whitening: Whi
     """Codes of one split, from the cache or computed (sharded across ranks) and stored.
 
     A complete `spill` of this split's coeffs is read instead of scattering again."""
-    dataset = build_dataset(cfg.data, split)
+    dataset = build_dataset(cfg.data, split, cfg.run.cache_dir, cfg.train.num_workers, progress)
     key_parts = dict(version=CACHE_VERSION, dataset=dataset.identity(), J=cfg.encoder.J, L=cfg.encoder.L,
                      d=whitening.d, whitening=whitening.fingerprint())
     path = Path(cfg.run.cache_dir) / f"codes-{split}-{cache_key(key_parts)}.safetensors"

@@ -29,6 +29,7 @@ class DataConfig:
     num_train: int = 10000  # images in the train split; 0 = all (celeba, folder)
     num_test: int = 1000  # images in the test split; 0 = all (celeba, folder)
     test_fraction: float = 0.1  # folder: share of files hashed into the test split
+    cache_images: bool = True  # store decoded, resized images once as uint8 (n·3N² bytes) under run.cache_dir; false = decode every step
 
 
 @dataclass

@@ -28,8 +28,8 @@ from scatgen.bundle import save_bundle
 from scatgen.checkpoints import (RunLock, RunPaths, checkpoint_step, intact_checkpoint, nonfinite_tensors,
                                  resume_conflicts)
 from scatgen.codes import CodeSet, prepare_codes
-from scatgen.config import Config, config_to_dict, read_yaml, save_config
-from scatgen.data import build_dataset, collate_skip_none
+from scatgen.config import Config, read_yaml, save_config
+from scatgen.data import CachedImages, build_dataset, collate_skip_none
 from scatgen.generators import Generator, build_generator
 from scatgen.metrics import psnr
 from scatgen.pictures import display_scale, enlarge, grid, rows_grid, save_png, to_unit
@@ -56,6 +56,13 @@ class CodedImages(Dataset):
     def __getitem__(self, j: int):
         image = self.dataset[int(self.codeset.indices[j])]
         return None if image is None else (self.codeset.codes[j], image)
+
+    def __getitems__(self, js: list[int]) -> list:
+        """The DataLoader's batched read: one fancy index of the image cache instead of B item reads."""
+        if not isinstance(self.dataset, CachedImages):
+            return [self[j] for j in js]
+        images, readable = self.dataset.images(self.codeset.indices[js])
+        return list(zip(self.codeset.codes[js][readable], images))
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -177,6 +184,9 @@ class Trainer:
                 save_config(cfg, tmp)
 
         self.scattering, self.whitening, self.codesets = prepare_codes(cfg, self.accelerator.device, self.progress)
+        # Encoding built the image cache; from here on images come from it (data.cache_images).
+        self.train_images = build_dataset(cfg.data, "train", cfg.run.cache_dir, t.num_workers, self.progress)
+        self.test_images = build_dataset(cfg.data, "test", cfg.run.cache_dir, t.num_workers, self.progress)
         train_codes = self.codesets["train"].codes
         self.code_variances = train_codes.var(0)
         n_train = len(train_codes)

@@ -5,13 +5,17 @@ unreadable file (after a CorruptImageWarning naming it); an index out of range
 raises IndexError. `collate_skip_none` drops the Nones from a batch.
 Every dataset has `identity()` (a JSON-able dict of everything that determines
 its images, for cache keys) and `path(i)` (the file, or None for polygons).
-`load_image` reads a user's file with the same preprocessing.
+`load_image` reads a user's file with the same preprocessing. `build_dataset` with a
+cache_dir reads images from the uint8 cache of `scatgen.data.cache` (built on first use).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch.utils.data import Dataset, default_collate
 
+from scatgen.data.cache import CachedImages, cache_images
 from scatgen.data.celeba import CelebADataset, default_crop
 from scatgen.data.folder import ImageFolderDataset
 from scatgen.data.images import IMAGE_EXTENSIONS, CorruptImageWarning, FileImageDataset, load_image
@@ -20,11 +24,21 @@ from scatgen.data.polygons import PolygonDataset
 SPLITS = ("train", "test")
 
 
-def build_dataset(cfg, split: str) -> Dataset:
+def build_dataset(cfg, split: str, cache_dir: str | Path | None = None, num_workers: int = 0,
+                  progress: bool = True) -> Dataset:
     """The `split` ("train" or "test") of the dataset that `cfg` (a DataConfig) describes.
 
     num_train / num_test cap the split's length (first n); 0 = all for celeba/folder.
+    With a `cache_dir` and cfg.cache_images, the images come from the uint8 image cache there,
+    built on first use by one pass with `num_workers` DataLoader workers.
     """
+    dataset = _open_dataset(cfg, split)
+    if cache_dir is None or not cfg.cache_images:
+        return dataset
+    return cache_images(dataset, cache_dir, num_workers, progress)
+
+
+def _open_dataset(cfg, split: str) -> Dataset:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     limit = cfg.num_train if split == "train" else cfg.num_test
@@ -53,6 +67,6 @@ def collate_skip_none(batch: list):
     return default_collate(kept) if kept else None
 
 
-__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "CelebADataset", "CorruptImageWarning", "FileImageDataset",
-           "ImageFolderDataset", "PolygonDataset", "build_dataset", "collate_skip_none", "default_crop",
+__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "CachedImages", "CelebADataset", "CorruptImageWarning", "FileImageDataset",
+           "ImageFolderDataset", "PolygonDataset", "build_dataset", "cache_images", "collate_skip_none", "default_crop",
            "effective_crop", "load_image"]
