@@ -230,6 +230,47 @@ def alias_product(X: torch.Tensor, filt: torch.Tensor, k: int, out: torch.Tensor
     return out.contiguous().reshape(*batch, F, m, n)
 
 
+def alias_gemm_layout(filt: torch.Tensor, k: int) -> torch.Tensor:
+    """filt (F, k·m, k·n) → (m·n, k², F): one (k² × F) matrix per output frequency."""
+    F, M, N = filt.shape
+    m, n = M // k, N // k
+    return filt.reshape(F, k, m, k, n).permute(2, 4, 1, 3, 0).reshape(m * n, k * k, F).contiguous()
+
+
+def alias_product_gemm(X: torch.Tensor, filt_t: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`alias_product` with the filter in :func:`alias_gemm_layout` (k ≥ 4).
+
+    The einsum in alias_product transposes the filter on every call; here that is
+    done once, and only X is transposed: (..., k·m, k·n) → (..., F, m, n).
+    """
+    *batch, M, N = X.shape
+    m, n = M // k, N // k
+    mn, _, F = filt_t.shape
+    Xt = X.reshape(-1, k, m, k, n).permute(2, 4, 0, 1, 3).reshape(mn, -1, k * k)  # (m·n, X, k²)
+    Y = torch.bmm(Xt, filt_t).view(m, n, -1, F).permute(2, 3, 0, 1)  # (X, F, m, n), strided
+    if out is None:
+        return Y.contiguous().view(*batch, F, m, n)
+    return out.view(-1, F, m, n).copy_(Y).view(*batch, F, m, n)
+
+
+def alias_adjoint_gemm(gY: torch.Tensor, filt_t: torch.Tensor, k: int, out: torch.Tensor,
+                       accumulate: bool = False) -> torch.Tensor:
+    """:func:`alias_adjoint` with the filter in :func:`alias_gemm_layout`.
+
+    Per output frequency (u, v), the k² aliases of every map are one (X × F)·(F × k²)
+    product (filters real-valued: no conj); faster than F broadcast passes when k ≥ 8.
+    """
+    *batch, F, m, n = gY.shape
+    Gt = gY.reshape(-1, F, m * n).permute(2, 0, 1)  # (m·n, X, F)
+    R = torch.bmm(Gt, filt_t.transpose(1, 2)).view(m, n, -1, k, k).permute(2, 3, 0, 4, 1)  # (X, k, m, k, n)
+    ov = out.view(-1, k, m, k, n)
+    if accumulate:
+        ov.add_(R)
+    else:
+        ov.copy_(R)
+    return out
+
+
 def alias_adjoint(
     gY: torch.Tensor, filt: torch.Tensor, k: int, out: torch.Tensor | None = None, accumulate: bool = False
 ) -> torch.Tensor:
@@ -430,6 +471,8 @@ class FastScattering2D(nn.Module):
             buf(f"psi1_{j1}", as_filter(bank[f"psi_{j1}_0"], 2**j1))
             for j2 in range(j1 + 1, J):
                 buf(f"psi2_{j1}_{j2}", as_filter(bank[f"psi_{j2}_{j1}"], 2 ** (j2 - j1)))
+                if j2 - j1 >= 2:  # k ≥ 4: the GEMM form wins (a second copy, as large)
+                    buf(f"psi2t_{j1}_{j2}", alias_gemm_layout(getattr(self, f"psi2_{j1}_{j2}"), 2 ** (j2 - j1)))
         # Low-pass φ_J at each resolution res, subsampling by 2^(J−res).
         self._lowpass_kind: dict[int, str] = {}
         for res in range(J):
@@ -543,8 +586,11 @@ class FastScattering2D(nn.Module):
                 # ||x ∗ ψ1| ∗ ψ_{j2,θ2}| for all (θ1, θ2): (B, L, L, Mp/2^j2, Np/2^j2)
                 k = 2 ** (j2 - j1)
                 shape2 = (B, L, L, U1.shape[-2] // k, U1.shape[-1] // k)
-                Y2 = alias_product(U1_hat, getattr(self, f"psi2_{j1}_{j2}"), k,
-                                   out=self._buffer("Y", shape2, cplx, dev) if k <= 2 else None)
+                Yb = self._buffer("Y", shape2, cplx, dev)
+                if k >= 4 and Yb is not None:
+                    Y2 = alias_product_gemm(U1_hat, getattr(self, f"psi2t_{j1}_{j2}"), k, out=Yb)
+                else:
+                    Y2 = alias_product(U1_hat, getattr(self, f"psi2_{j1}_{j2}"), k, out=Yb if k <= 2 else None)
                 U2 = self._ifft_modulus(Y2, "U2", phases)
                 per_j2.append(self._lowpass(U2, j2))  # (B, L, L, m, n)
             # kymatio order: θ1 outer, then (j2, θ2).
@@ -577,15 +623,19 @@ class FastScattering2D(nn.Module):
                     P2 = next(saved)  # (B, L, L, Mp/2^j2, Np/2^j2)
                     gU2 = self._lowpass_adjoint(g2[:, :, i], j2, out=self._buffer("U2", P2.shape, real, dev))
                     gZ2 = torch.mul(gU2, P2, out=self._buffer("Y", P2.shape, cplx, dev))
-                    gY2 = torch.fft.fft2(gZ2, norm="forward", out=gZ2)
-                    alias_adjoint(gY2, getattr(self, f"psi2_{j1}_{j2}"), 2 ** (j2 - j1), out=gU1_hat,
-                                  accumulate=i > 0)
-                gU1 += torch.fft.ifft2(gU1_hat, norm="forward", out=gU1_hat).real
+                    # (fft2's out= costs a copy on CPU: let it allocate)
+                    gY2 = torch.fft.fft2(gZ2, norm="forward")
+                    k = 2 ** (j2 - j1)
+                    if k >= 8:
+                        alias_adjoint_gemm(gY2, getattr(self, f"psi2t_{j1}_{j2}"), k, gU1_hat, accumulate=i > 0)
+                    else:
+                        alias_adjoint(gY2, getattr(self, f"psi2_{j1}_{j2}"), k, out=gU1_hat, accumulate=i > 0)
+                gU1 += torch.fft.ifft2(gU1_hat, norm="forward").real
             gZ1 = torch.mul(gU1, P1, out=self._buffer("Y", P1.shape, cplx, dev))
-            gY1 = torch.fft.fft2(gZ1, norm="forward", out=gZ1)
+            gY1 = torch.fft.fft2(gZ1, norm="forward")
             alias_adjoint(gY1, getattr(self, f"psi1_{j1}"), 2**j1, out=gX, accumulate=j1 > 0)
         gxp = self._lowpass_adjoint(gS[:, 0], 0)
-        gxp += torch.fft.ifft2(gX, norm="forward", out=gX).real
+        gxp += torch.fft.ifft2(gX, norm="forward").real
         return reflect_pad_adjoint(gxp, self.pads, self.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
