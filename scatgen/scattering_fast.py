@@ -21,6 +21,11 @@ Gaussian, so the map is ``S = R U Cᵀ`` with two small real matrices built in f
 (:func:`lowpass_operators`); this replaces an fft2/ifft2 pair per path by two GEMMs.
 When φ̂ is not rank-1 to float32 precision (never observed) the FFT route is used.
 
+The gradient is hand-written (:class:`_ScatteringFunction`): the forward keeps only
+the modulus phases Z/|Z|, and the backward applies each stage's adjoint in reverse
+(Rᵀ·g·C, ·Z/|Z|, fft2, the alias tiling, Re ifft2, folding of the padding), chunked
+like the forward. ``custom_backward=False`` differentiates through autograd instead.
+
 Filters are kymatio's, built once per (J, L, padded shape) and optionally cached on
 disk (:func:`load_filter_bank`); they are non-persistent buffers (never in a
 state_dict), and follow the module across devices.
@@ -46,6 +51,7 @@ __all__ = [
     "build_filter_bank",
     "filter_bank_key",
     "alias_product",
+    "alias_adjoint",
     "lowpass_operators",
     "scattering_channels",
 ]
