@@ -3,15 +3,18 @@
     python benchmarks/scattering.py                   # CPU, sizes 64 128, batches 16 64 128
     python benchmarks/scattering.py --quick           # one short configuration
     python benchmarks/scattering.py --device cuda     # GPU, plus TF32 / bf16 variants
-    python benchmarks/scattering.py --backward --sizes 32 64 --J 3   # forward + backward (refinement's cost)
+    python benchmarks/scattering.py --backward --sizes 64 --batches 64   # also forward + backward
 
 Input (B, 3, N, N), J=4, L=8 (as used by scatgen). Every (backend, size, batch) runs
 in a fresh subprocess, so CPU peak memory is that process's ru_maxrss (reported as
 growth over the RSS before the first forward); on GPU it is the growth of
 torch.cuda.max_memory_allocated. Throughput: images/s (one image = 3 maps), median
-of --repeats timed forwards after one warm-up forward, under torch.no_grad(); with
---backward, of forward plus backward of ‖S x‖² with respect to the images, which is
-what every refinement step costs.
+of --repeats timed forwards after one warm-up forward, under torch.no_grad().
+
+--backward adds, in the same run, forward plus backward of ‖S x‖² with respect to the
+images (what every refinement step costs) for kymatio, for the fast backend through
+plain autograd (custom_backward=False) and for its hand-written backward, with the
+ratios to kymatio's forward plus backward.
 
 kymatio is several times slower than the fast path on CPU, so there it is timed on a
 sub-batch of --kymatio-max-batch images (its cost is linear in the batch: every op is
@@ -45,13 +48,14 @@ def _rss_bytes() -> int:
 
 
 def _build(backend: str, J: int, L: int, size: int, cache_dir: str):
+    """backend: kymatio | fast | fast-autograd (the fast forward, differentiated by plain autograd)."""
     if backend == "kymatio":
         from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
 
         return ScatteringTorch2D(J=J, shape=(size, size), L=L, max_order=2)
     from scatgen.scattering_fast import FastScattering2D
 
-    return FastScattering2D(J, (size, size), L, cache_dir=cache_dir)
+    return FastScattering2D(J, (size, size), L, cache_dir=cache_dir, custom_backward=backend != "fast-autograd")
 
 
 def worker(a: argparse.Namespace) -> dict:
@@ -125,19 +129,13 @@ def worker(a: argparse.Namespace) -> dict:
 def machine_info(device: str) -> str:
     import torch
 
+    from scatgen.evaluation import cpu_or_gpu_name
+
     lines = [f"python {platform.python_version()}, torch {torch.__version__}"]
-    model = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
     lines.append(
-        f"CPU: {model}, {ncpu} cores usable, torch threads {torch.get_num_threads()}, "
+        f"CPU: {cpu_or_gpu_name(torch.device('cpu'))} (driver), {ncpu} cores usable, "
         f"load average {', '.join(f'{v:.1f}' for v in load)}"
     )
     if device.startswith("cuda") and torch.cuda.is_available():
@@ -148,7 +146,7 @@ def machine_info(device: str) -> str:
 def run_worker(args: argparse.Namespace, **kw) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker"]
     opts = dict(device=args.device, J=args.J, L=args.L, cache_dir=args.cache_dir, variant="fp32", warmup_batch=0,
-                threads=args.threads, backward=args.backward)
+                threads=args.threads, backward=False)
     opts.update(kw)
     for k, v in opts.items():
         if isinstance(v, bool):
@@ -174,7 +172,8 @@ def main() -> None:
     p.add_argument("--no-kymatio", action="store_true")
     p.add_argument("--no-lowp", action="store_true", help="CUDA: skip the TF32 / bf16 variants")
     p.add_argument("--quick", action="store_true", help="size 64, batch 16, 1 repeat")
-    p.add_argument("--backward", action="store_true", help="time forward plus backward instead of forward")
+    p.add_argument("--backward", action="store_true",
+                   help="also time forward plus backward: kymatio, fast (autograd), fast (custom backward)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads in each worker (0: torch's default). On a shared, "
                    "oversubscribed CPU, 1 thread gives far more stable numbers than OpenMP's spinning")
@@ -202,21 +201,28 @@ def main() -> None:
     print(machine_info(args.device))
     if args.threads:
         print(f"workers use torch.set_num_threads({args.threads})")
-    print(f"{'forward + backward' if args.backward else 'forward'}, "
+    print(f"forward{' and forward + backward' if args.backward else ''}, "
           f"J={args.J}, L={args.L}, input (B, 3, N, N) float32, device {args.device}, "
           f"median of {args.repeats} (kymatio: {krep}) after a warm-up\n", flush=True)
 
-    rows = []
+    rows, bwd_rows = [], []
     for size in args.sizes:
-        kym_cache: dict[int, dict] = {}
+        kym_cache: dict[tuple[int, bool], dict] = {}
         for batch in args.batches:
             kb = min(batch, kmax) if kmax else batch
-            if not args.no_kymatio and kb not in kym_cache:
-                kym_cache[kb] = run_worker(args, backend="kymatio", size=size, batch=kb, repeats=krep,
-                                           warmup_batch=1 if not cuda else 0)
+            for backward in (False, True) if args.backward else (False,):
+                if not args.no_kymatio and (kb, backward) not in kym_cache:
+                    kym_cache[kb, backward] = run_worker(args, backend="kymatio", size=size, batch=kb, repeats=krep,
+                                                         warmup_batch=1 if not cuda else 0, backward=backward)
             fast = run_worker(args, backend="fast", size=size, batch=batch, repeats=args.repeats)
-            kym = kym_cache.get(kb)
+            kym = kym_cache.get((kb, False))
             rows.append((size, batch, "fp32", kb, kym, fast))
+            if args.backward:
+                plain = run_worker(args, backend="fast-autograd", size=size, batch=batch, repeats=args.repeats,
+                                   backward=True)
+                custom = run_worker(args, backend="fast", size=size, batch=batch, repeats=args.repeats,
+                                    backward=True)
+                bwd_rows.append((size, batch, kb, kym, fast, kym_cache.get((kb, True)), plain, custom))
             if cuda and not args.no_lowp:
                 for variant in ("tf32", "bf16"):
                     try:
@@ -239,6 +245,18 @@ def main() -> None:
         print(f"| {size} | {batch} | {variant} | {k_ips} | {fast['images_per_s']:.1f} | {ratio} | "
               f"{mib(kym['peak_mem_bytes']) + (f' (B={kb})' if kb != batch else '') if kym else '-'} | "
               f"{mib(fast['peak_mem_bytes'])} | {err} |")
+    if bwd_rows:
+        print("\nForward (fwd) and forward + backward (f+b) of ‖S x‖², images/s; ratios to kymatio in this run:")
+        print("| N | B | kymatio fwd | fast fwd | fwd ratio | kymatio f+b | fast f+b autograd | fast f+b custom | "
+              "autograd ratio | custom ratio | autograd f+b " + mem + " | custom f+b " + mem + " |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for size, batch, kb, kym, fast, kym_b, plain, custom in bwd_rows:
+            ips = lambda r: f"{r['images_per_s']:.2f}" if r else "-"  # noqa: E731
+            ratio = lambda a, b: f"{a['images_per_s'] / b['images_per_s']:.1f}x" if a and b else "-"  # noqa: E731
+            sub = f" (B={kb})" if kb != batch else ""
+            print(f"| {size} | {batch} | {ips(kym)}{sub if kym else ''} | {ips(fast)} | {ratio(fast, kym)} | "
+                  f"{ips(kym_b)}{sub if kym_b else ''} | {ips(plain)} | {ips(custom)} | {ratio(plain, kym_b)} | "
+                  f"{ratio(custom, kym_b)} | {mib(plain['peak_mem_bytes'])} | {mib(custom['peak_mem_bytes'])} |")
     if cuda and not args.no_lowp:
         print("\nLow-precision variants are recommended only where max rel err <= 1e-3:")
         for size, batch, variant, _, _, fast in rows:

@@ -21,6 +21,11 @@ Gaussian, so the map is ``S = R U Cᵀ`` with two small real matrices built in f
 (:func:`lowpass_operators`); this replaces an fft2/ifft2 pair per path by two GEMMs.
 When φ̂ is not rank-1 to float32 precision (never observed) the FFT route is used.
 
+The gradient is hand-written (:class:`_ScatteringFunction`): the forward keeps only
+the modulus phases Z/|Z|, and the backward applies each stage's adjoint in reverse
+(Rᵀ·g·C, ·Z/|Z|, fft2, the alias tiling, Re ifft2, folding of the padding), chunked
+like the forward. ``custom_backward=False`` differentiates through autograd instead.
+
 Filters are kymatio's, built once per (J, L, padded shape) and optionally cached on
 disk (:func:`load_filter_bank`); they are non-persistent buffers (never in a
 state_dict), and follow the module across devices.
@@ -37,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "FastScattering2D",
@@ -45,6 +51,7 @@ __all__ = [
     "build_filter_bank",
     "filter_bank_key",
     "alias_product",
+    "alias_adjoint",
     "lowpass_operators",
     "scattering_channels",
 ]
@@ -91,6 +98,21 @@ def reflect_pad(x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tenso
     if fix_cols:
         y = torch.cat([y[:, :, 1:2], y, y[:, :, -2:-1]], dim=2)
     return y
+
+
+def reflect_pad_adjoint(g: torch.Tensor, pads: tuple[int, int, int, int], shape: tuple[int, int]) -> torch.Tensor:
+    """Adjoint of :func:`reflect_pad`: (B, Mp, Np) → (B, M, N) = shape.
+
+    Each padded pixel's gradient is added to the pixel it copies. The source map is
+    reflect_pad applied to pixel indices, so it agrees with the forward in every case
+    (pad == size included) by construction.
+    """
+    M, N = shape
+    # float64 holds the indices exactly (M·N < 2^53).
+    index = torch.arange(M * N, dtype=torch.float64, device=g.device).view(1, M, N)
+    source = reflect_pad(index, pads).reshape(-1).long()
+    out = torch.zeros(g.shape[0], M * N, dtype=g.dtype, device=g.device)
+    return out.index_add_(1, source, g.reshape(g.shape[0], -1)).view(-1, M, N)
 
 
 # ------------------------------------------------------------------------ filter bank
@@ -214,6 +236,76 @@ def alias_product(X: torch.Tensor, filt: torch.Tensor, k: int, out: torch.Tensor
     return out.contiguous().reshape(*batch, F, m, n)
 
 
+def alias_gemm_layout(filt: torch.Tensor, k: int) -> torch.Tensor:
+    """filt (F, k·m, k·n) → (m·n, k², F): one (k² × F) matrix per output frequency."""
+    F, M, N = filt.shape
+    m, n = M // k, N // k
+    return filt.reshape(F, k, m, k, n).permute(2, 4, 1, 3, 0).reshape(m * n, k * k, F).contiguous()
+
+
+def alias_product_gemm(X: torch.Tensor, filt_t: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`alias_product` with the filter in :func:`alias_gemm_layout` (k ≥ 4).
+
+    The einsum in alias_product transposes the filter on every call; here that is
+    done once, and only X is transposed: (..., k·m, k·n) → (..., F, m, n).
+    """
+    *batch, M, N = X.shape
+    m, n = M // k, N // k
+    mn, _, F = filt_t.shape
+    Xt = X.reshape(-1, k, m, k, n).permute(2, 4, 0, 1, 3).reshape(mn, -1, k * k)  # (m·n, X, k²)
+    Y = torch.bmm(Xt, filt_t).view(m, n, -1, F).permute(2, 3, 0, 1)  # (X, F, m, n), strided
+    if out is None:
+        return Y.contiguous().view(*batch, F, m, n)
+    return out.view(-1, F, m, n).copy_(Y).view(*batch, F, m, n)
+
+
+def alias_adjoint_gemm(gY: torch.Tensor, filt_t: torch.Tensor, k: int, out: torch.Tensor,
+                       accumulate: bool = False) -> torch.Tensor:
+    """:func:`alias_adjoint` with the filter in :func:`alias_gemm_layout`.
+
+    Per output frequency (u, v), the k² aliases of every map are one (X × F)·(F × k²)
+    product (filters real-valued: no conj); faster than F broadcast passes when k ≥ 8.
+    """
+    *batch, F, m, n = gY.shape
+    Gt = gY.reshape(-1, F, m * n).permute(2, 0, 1)  # (m·n, X, F)
+    R = torch.bmm(Gt, filt_t.transpose(1, 2)).view(m, n, -1, k, k).permute(2, 3, 0, 4, 1)  # (X, k, m, k, n)
+    ov = out.view(-1, k, m, k, n)
+    if accumulate:
+        ov.add_(R)
+    else:
+        ov.copy_(R)
+    return out
+
+
+def alias_adjoint(
+    gY: torch.Tensor, filt: torch.Tensor, k: int, out: torch.Tensor | None = None, accumulate: bool = False
+) -> torch.Tensor:
+    """Adjoint of :func:`alias_product` in its first argument.
+
+    gY: (..., F, m, n) complex; filt: (F, k·m, k·n) complex. Returns (..., k·m, k·n) with
+
+        out[..., p] = Σ_f conj(filt[f, p]) · gY[..., f, p mod (m, n)]
+
+    (the k×k tiling of gY, weighted, summed over filters), written into ``out`` or,
+    with ``accumulate``, added to it. kymatio keeps only the real part of its filters'
+    FFTs, so the filters here are real-valued and conj is the identity.
+    """
+    *batch, F, m, n = gY.shape
+    if out is None:
+        out = torch.empty(*batch, k * m, k * n, dtype=gY.dtype, device=gY.device)
+    ov = out.view(-1, k, m, k, n)
+    gv = gY.reshape(-1, F, 1, m, 1, n)
+    fv = filt.view(F, k, m, k, n)
+    # One multiply-add per filter, each broadcasting gY over the k×k aliases: F passes
+    # over the output, none of them a reduction over a strided axis.
+    for f in range(F):
+        if f == 0 and not accumulate:
+            torch.mul(gv[:, 0], fv[0], out=ov)
+        else:
+            ov.addcmul_(gv[:, f], fv[f])
+    return out
+
+
 class _Modulus(torch.autograd.Function):
     """|z| for complex z, computed as sqrt(re² + im²) on the real view.
 
@@ -256,6 +348,18 @@ def lowpass_fft(U: torch.Tensor, phi: torch.Tensor, k: int) -> torch.Tensor:
     """
     Y = alias_product(torch.fft.fft2(U), phi[None], k)[..., 0, :, :]
     return torch.fft.ifft2(Y).real[..., 1:-1, 1:-1]
+
+
+def lowpass_fft_adjoint(g: torch.Tensor, phi: torch.Tensor, k: int) -> torch.Tensor:
+    """Adjoint of :func:`lowpass_fft`: (..., m−2, n−2) → (..., k·m, k·n) real.
+
+    Crop → zero border; Re → real part embedded; ifft2 → fft2/(m·n); alias → tiling
+    times conj φ̂; fft2 of a real map → Re of the unnormalised ifft2.
+    """
+    g_full = nn.functional.pad(g, (1, 1, 1, 1)).to(phi.dtype)
+    gY = torch.fft.fft2(g_full, norm="forward")
+    gX = alias_adjoint(gY.unsqueeze(-3), phi[None], k)
+    return torch.fft.ifft2(gX, norm="forward").real
 
 
 def lowpass_operators(
@@ -305,6 +409,18 @@ def lowpass_separable(
     return S
 
 
+def lowpass_separable_adjoint(
+    g: torch.Tensor, Rr: torch.Tensor, Cr: torch.Tensor, Ri: torch.Tensor | None, Ci: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Adjoint of :func:`lowpass_separable`: Rrᵀ·g·Cr (− Riᵀ·g·Ci), (..., m−2, n−2) → (..., M, N)."""
+    # Rᵀ·g first: a small product, then one large GEMM writing the output.
+    gU = torch.matmul(Rr.T @ g, Cr, out=out)
+    if Ri is not None:
+        gU -= (Ri.T @ g) @ Ci
+    return gU
+
+
 # ----------------------------------------------------------------------------- module
 
 
@@ -322,6 +438,10 @@ class FastScattering2D(nn.Module):
         cache_dir: directory for the on-disk filter cache (None: no disk cache).
         chunk_size: images (maps) per batch chunk; None picks a cache-friendly
             size on CPU and the whole batch on CUDA.
+        custom_backward: differentiate with the hand-written adjoint
+            (:class:`_ScatteringFunction`), which keeps only the modulus phases of
+            the forward; False runs plain autograd through every op (a reference,
+            slower and heavier in memory).
 
     Without autograd the module reuses scratch memory across calls, so one instance
     must not run in several threads at once (processes, e.g. DataLoader workers, are fine).
@@ -334,6 +454,7 @@ class FastScattering2D(nn.Module):
         L: int = 8,
         cache_dir: str | Path | None = None,
         chunk_size: int | None = None,
+        custom_backward: bool = True,
     ) -> None:
         super().__init__()
         M, N = int(shape[0]), int(shape[1])
@@ -344,6 +465,7 @@ class FastScattering2D(nn.Module):
         self.padded_shape, self.pads = compute_padding(M, N, J)
         self.out_shape = (self.padded_shape[0] // 2**J - 2, self.padded_shape[1] // 2**J - 2)
         self.chunk_size = chunk_size
+        self.custom_backward = custom_backward
         self._scratch: dict[str, torch.Tensor] = {}
 
         bank = load_filter_bank(J, L, self.padded_shape, cache_dir)
@@ -355,6 +477,8 @@ class FastScattering2D(nn.Module):
             buf(f"psi1_{j1}", as_filter(bank[f"psi_{j1}_0"], 2**j1))
             for j2 in range(j1 + 1, J):
                 buf(f"psi2_{j1}_{j2}", as_filter(bank[f"psi_{j2}_{j1}"], 2 ** (j2 - j1)))
+                if j2 - j1 >= 2:  # k ≥ 4: the GEMM form wins (a second copy, as large)
+                    buf(f"psi2t_{j1}_{j2}", alias_gemm_layout(getattr(self, f"psi2_{j1}_{j2}"), 2 ** (j2 - j1)))
         # Low-pass φ_J at each resolution res, subsampling by 2^(J−res).
         self._lowpass_kind: dict[int, str] = {}
         for res in range(J):
@@ -388,6 +512,30 @@ class FastScattering2D(nn.Module):
         g = lambda n: getattr(self, n, None)  # noqa: E731
         return lowpass_separable(U, g(f"lp{res}_row"), g(f"lp{res}_col"), g(f"lp{res}_row_im"), g(f"lp{res}_col_im"))
 
+    def _lowpass_adjoint(self, g: torch.Tensor, res: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self._lowpass_kind[res] == "fft":
+            return lowpass_fft_adjoint(g, getattr(self, f"phi_{res}"), 2 ** (self.J - res))
+        g_ = lambda n: getattr(self, n, None)  # noqa: E731
+        return lowpass_separable_adjoint(
+            g, g_(f"lp{res}_row"), g_(f"lp{res}_col"), g_(f"lp{res}_row_im"), g_(f"lp{res}_col_im"), out=out
+        )
+
+    def _ifft_modulus(self, Y: torch.Tensor, name: str, phases: list[torch.Tensor] | None) -> torch.Tensor:
+        """U = |ifft2(Y)|, in scratch ``name``. With ``phases``, Z/|Z| is appended to it
+        (0 where Z = 0, _Modulus's subgradient): all the backward needs of this stage."""
+        dev = Y.device
+        Z = torch.fft.ifft2(Y)
+        U = self._buffer(name, Y.shape, torch.float32, dev)
+        if phases is None:
+            return modulus(Z, overwrite=True, out=U)
+        zr = torch.view_as_real(Z)
+        sq = torch.square(zr, out=self._buffer("sq", zr.shape, torch.float32, dev))
+        U = torch.add(sq[..., 0], sq[..., 1], out=U).sqrt_()
+        # Z = 0 exactly where U = 0, and there 0 · 1/tiny = 0.
+        inv = torch.clamp_min(U, torch.finfo(U.dtype).tiny, out=self._buffer("inv", U.shape, U.dtype, dev))
+        phases.append(Z.mul_(inv.reciprocal_()))
+        return U
+
     def _default_chunk(self, device: torch.device) -> int:
         if device.type != "cpu":
             return 1 << 30
@@ -415,8 +563,12 @@ class FastScattering2D(nn.Module):
             buf = self._scratch[name] = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel].view(shape)
 
-    def _scatter(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, M, N) real → (B, K, M/2^J, N/2^J)."""
+    def _scatter(self, x: torch.Tensor, phases: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """x: (B, M, N) real → (B, K, M/2^J, N/2^J).
+
+        With ``phases`` (a list), the modulus phases are appended to it in the order
+        :meth:`_scatter_backward` reads them: order 1 of j1, then order 2 of (j1, j2).
+        """
         J, L = self.J, self.L
         B = x.shape[0]
         cplx, dev = torch.complex64, x.device
@@ -428,7 +580,7 @@ class FastScattering2D(nn.Module):
             # |x ∗ ψ_{j1,θ1}| subsampled by 2^j1, all θ1 at once: (B, L, Mp/2^j1, Np/2^j1)
             shape1 = (B, L, X.shape[-2] >> j1, X.shape[-1] >> j1)
             Y1 = alias_product(X, getattr(self, f"psi1_{j1}"), 2**j1, out=self._buffer("Y", shape1, cplx, dev))
-            U1 = modulus(torch.fft.ifft2(Y1), overwrite=True, out=self._buffer("U1", shape1, torch.float32, dev))
+            U1 = self._ifft_modulus(Y1, "U1", phases)
             out.append(self._lowpass(U1, j1))  # (B, L, m, n)
             if j1 == J - 1:
                 continue
@@ -440,14 +592,57 @@ class FastScattering2D(nn.Module):
                 # ||x ∗ ψ1| ∗ ψ_{j2,θ2}| for all (θ1, θ2): (B, L, L, Mp/2^j2, Np/2^j2)
                 k = 2 ** (j2 - j1)
                 shape2 = (B, L, L, U1.shape[-2] // k, U1.shape[-1] // k)
-                Y2 = alias_product(U1_hat, getattr(self, f"psi2_{j1}_{j2}"), k,
-                                   out=self._buffer("Y", shape2, cplx, dev) if k <= 2 else None)
-                U2 = modulus(torch.fft.ifft2(Y2), overwrite=True, out=self._buffer("U2", shape2, torch.float32, dev))
+                Yb = self._buffer("Y", shape2, cplx, dev)
+                if k >= 4 and Yb is not None:
+                    Y2 = alias_product_gemm(U1_hat, getattr(self, f"psi2t_{j1}_{j2}"), k, out=Yb)
+                else:
+                    Y2 = alias_product(U1_hat, getattr(self, f"psi2_{j1}_{j2}"), k, out=Yb if k <= 2 else None)
+                U2 = self._ifft_modulus(Y2, "U2", phases)
                 per_j2.append(self._lowpass(U2, j2))  # (B, L, L, m, n)
             # kymatio order: θ1 outer, then (j2, θ2).
             S2 = torch.stack(per_j2, dim=2)  # (B, L, J−1−j1, L, m, n)
             order2.append(S2.reshape(B, -1, *S2.shape[-2:]))
         return torch.cat(out + order2, dim=1)
+
+    def _scatter_backward(self, gS: torch.Tensor, phases: list[torch.Tensor]) -> torch.Tensor:
+        """Adjoint of :meth:`_scatter` at the point whose ``phases`` it kept.
+
+        gS: (B, K, m, n) → (B, M, N). Every stage in reverse: low-pass → Rᵀ·g·C;
+        modulus → g·Z/|Z|; ifft2 → fft2/(m·n); alias product → :func:`alias_adjoint`;
+        fft2 of a real map → Re of the unnormalised ifft2; padding → folding back.
+        """
+        J, L = self.J, self.L
+        B, dev, cplx, real = gS.shape[0], gS.device, torch.complex64, torch.float32
+        saved = iter(phases)
+        offset = 1 + J * L  # first order-2 channel
+        gX = self._buffer("gX", (B, *self.padded_shape), cplx, dev)
+        for j1 in range(J):
+            P1 = next(saved)  # (B, L, Mp/2^j1, Np/2^j1)
+            gU1 = self._lowpass_adjoint(gS[:, 1 + j1 * L : 1 + (j1 + 1) * L], j1,
+                                        out=self._buffer("U1", P1.shape, real, dev))
+            if j1 < J - 1:
+                count = L * (J - 1 - j1) * L
+                g2 = gS[:, offset : offset + count].unflatten(1, (L, J - 1 - j1, L))  # θ1, j2, θ2
+                offset += count
+                gU1_hat = self._buffer("U1c", P1.shape, cplx, dev)
+                for i, j2 in enumerate(range(j1 + 1, J)):
+                    P2 = next(saved)  # (B, L, L, Mp/2^j2, Np/2^j2)
+                    gU2 = self._lowpass_adjoint(g2[:, :, i], j2, out=self._buffer("U2", P2.shape, real, dev))
+                    gZ2 = torch.mul(gU2, P2, out=self._buffer("Y", P2.shape, cplx, dev))
+                    # (fft2's out= costs a copy on CPU: let it allocate)
+                    gY2 = torch.fft.fft2(gZ2, norm="forward")
+                    k = 2 ** (j2 - j1)
+                    if k >= 8:
+                        alias_adjoint_gemm(gY2, getattr(self, f"psi2t_{j1}_{j2}"), k, gU1_hat, accumulate=i > 0)
+                    else:
+                        alias_adjoint(gY2, getattr(self, f"psi2_{j1}_{j2}"), k, out=gU1_hat, accumulate=i > 0)
+                gU1 += torch.fft.ifft2(gU1_hat, norm="forward").real
+            gZ1 = torch.mul(gU1, P1, out=self._buffer("Y", P1.shape, cplx, dev))
+            gY1 = torch.fft.fft2(gZ1, norm="forward")
+            alias_adjoint(gY1, getattr(self, f"psi1_{j1}"), 2**j1, out=gX, accumulate=j1 > 0)
+        gxp = self._lowpass_adjoint(gS[:, 0], 0)
+        gxp += torch.fft.ifft2(gX, norm="forward").real
+        return reflect_pad_adjoint(gxp, self.pads, self.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != self.shape:
@@ -457,10 +652,44 @@ class FastScattering2D(nn.Module):
         # floating dtype.
         out_dtype = x.dtype if x.is_floating_point() else torch.float32
         x = x.reshape(-1, *self.shape).to(torch.float32)
-        chunk = self.chunk_size or self._default_chunk(x.device)
-        parts = [self._scatter(x[i : i + chunk]) for i in range(0, x.shape[0], chunk)]
-        S = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if self.custom_backward and torch.is_grad_enabled() and x.requires_grad:
+            S = _ScatteringFunction.apply(x, self)
+        else:
+            chunk = self.chunk_size or self._default_chunk(x.device)
+            parts = [self._scatter(x[i : i + chunk]) for i in range(0, x.shape[0], chunk)]
+            S = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return S.reshape(*batch, *S.shape[1:]).to(out_dtype)
 
     def extra_repr(self) -> str:
         return f"J={self.J}, shape={self.shape}, L={self.L}, K={self.K}, padded_shape={self.padded_shape}"
+
+
+class _ScatteringFunction(torch.autograd.Function):
+    """x (B, M, N) float32 → S (B, K, m, n), differentiated by the hand-written adjoint.
+
+    The forward runs the no-grad path chunk by chunk and keeps only the modulus phases
+    Z/|Z| of every stage (complex, about half what autograd would keep); the backward
+    replays the chunks through :meth:`FastScattering2D._scatter_backward`.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: FastScattering2D) -> torch.Tensor:  # type: ignore[override]
+        chunk = module.chunk_size or module._default_chunk(x.device)
+        parts, phases = [], []
+        for i in range(0, x.shape[0], chunk):
+            parts.append(module._scatter(x[i : i + chunk], phases))
+        ctx.module, ctx.chunk, ctx.num_chunks = module, chunk, len(parts)
+        ctx.save_for_backward(*phases)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gS: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        phases, chunk = ctx.saved_tensors, ctx.chunk
+        per_chunk = len(phases) // ctx.num_chunks
+        gS = gS.to(torch.float32)  # e.g. bf16 under autocast
+        parts = [
+            ctx.module._scatter_backward(gS[i * chunk : (i + 1) * chunk], phases[i * per_chunk : (i + 1) * per_chunk])
+            for i in range(ctx.num_chunks)
+        ]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)), None
