@@ -32,7 +32,8 @@ except ImportError:  # Windows: no advisory locks; runs are then not protected a
 RESUMABLE = (
     "train.lr", "train.weight_decay", "train.grad_clip", "train.max_steps", "train.epochs", "train.max_minutes",
     "train.eval_every", "train.eval_images", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.grid_size", "train.num_workers", "train.mixed_precision",
+    "train.grid_size", "train.num_workers", "train.mixed_precision", "train.compile", "encoder.compile",
+    "encoder.batch_size", "data.cache_images",
     "run.out_dir", "run.cache_dir", "run.resume", "run.overwrite",
 )
 RESUMABLE_SECTIONS = ("prior", "refine")

@@ -273,7 +273,7 @@ def prepare_codes(cfg: Config, device: torch.device | str = "cpu",
     """The encoder half of scatgen: (scattering, whitening, {'train': ..., 'test': ...})."""
     device = torch.device(device)
     scattering = Scattering(cfg.encoder.J, cfg.data.image_size, cfg.encoder.L, cfg.encoder.backend,
-                            cache_dir=cfg.run.cache_dir).to(device)
+                            cache_dir=cfg.run.cache_dir, compile=cfg.encoder.compile).to(device)
     num_train = len(build_dataset(cfg.data, "train"))
     spill = CoeffSpill(cfg.run.cache_dir) if _spill_fits(cfg, scattering, num_train) else None
     try:

@@ -38,6 +38,7 @@ class EncoderConfig:
     L: int = 8  # orientations
     backend: str = "fast"  # fast | kymatio
     batch_size: int = 128  # images per scattering batch
+    compile: bool = False  # torch.compile the scattering (inductor: gcc on CPU, Triton on GPU); see benchmarks/train_throughput.py
 
 
 @dataclass
@@ -73,6 +74,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between accelerate checkpoints
     keep_checkpoints: int = 2  # checkpoints kept on disk
     grid_size: int = 16  # images per logged grid
+    compile: bool = False  # torch.compile the generator (inductor); the first steps pay the compilation
 
 
 @dataclass

@@ -75,7 +75,8 @@ class Pipeline:
         # Built on first use: sampling without refinement never needs the filters.
         if self._scattering is None:
             e = self.cfg.encoder
-            self._scattering = Scattering(e.J, self.image_size, e.L, e.backend, cache_dir=self.cfg.run.cache_dir)
+            self._scattering = Scattering(e.J, self.image_size, e.L, e.backend, cache_dir=self.cfg.run.cache_dir,
+                                          compile=e.compile)
         return self._scattering.to(self.device)
 
     def refine_settings(self, refine: int | None = None) -> RefineConfig:

@@ -44,6 +44,7 @@ class Scattering(nn.Module):
         L: int = 8,
         backend: str = "fast",
         cache_dir: str | Path | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         shape = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -59,6 +60,8 @@ class Scattering(nn.Module):
             self.transform = FastScattering2D(J=J, shape=shape, L=L, cache_dir=cache_dir)
         else:
             raise ValueError(f"encoder.backend must be 'fast' or 'kymatio', got {backend!r}")
+        if compile:
+            self.transform.compile()
 
     @property
     def out_shape(self) -> tuple[int, int, int]:

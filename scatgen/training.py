@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from scatgen.bundle import save_bundle
 from scatgen.checkpoints import (RunLock, RunPaths, checkpoint_step, intact_checkpoint, nonfinite_tensors,
@@ -91,6 +93,54 @@ class StepBatches(torch.utils.data.Sampler):
                 perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
             first = (step % self.steps_per_epoch) * self.batch_size * self.world + self.rank * self.batch_size
             yield perm[first:first + self.batch_size].tolist()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+class StepRate:
+    """Steps per second over each logging window, evaluation and checkpoint time excluded.
+
+    `collapsed()` flags, once, a window at least SLOWDOWN times slower than the fastest one seen
+    after the first (which holds the warm-up). A step's work is fixed, so its time varies by a few
+    per cent; a drop of that size means something else took the processor (measured: one busy
+    process on 2 cores with 2 torch threads costs about 10×)."""
+
+    SLOWDOWN = 3.0
+
+    def __init__(self, step: int) -> None:
+        self.step, self.time, self.excluded = step, time.time(), 0.0
+        self.windows, self.best, self.current, self.warned = 0, 0.0, 0.0, False
+
+    def exclude(self, seconds: float) -> None:
+        self.excluded += seconds
+
+    def rate(self, step: int) -> float:
+        now = time.time()
+        self.current = (step - self.step) / max(now - self.time - self.excluded, 1e-9)
+        self.windows += 1
+        if self.windows > 1:
+            self.best = max(self.best, self.current)
+        self.step, self.time, self.excluded = step, now, 0.0
+        return self.current
+
+    def collapsed(self) -> bool:
+        if self.warned or self.windows < 3 or self.current * self.SLOWDOWN > self.best:
+            return False
+        self.warned = True
+        return True
+
+
+def warn_slowdown(rate: StepRate) -> None:
+    threads = torch.get_num_threads()
+    tqdm.write(f"warning: training slowed to {rate.current:.1f} steps/s from {rate.best:.1f}; another busy process "
+               f"is probably competing for the {usable_cores()} core(s) that torch's {threads} threads use. Stop it, "
+               f"or give torch fewer threads (OMP_NUM_THREADS=1 in the environment, or torch.set_num_threads(1))",
+               file=sys.stderr)
 
 
 def lr_factor(step: int, cfg: Config, total: int, train_seconds: float = 0.0) -> float:
@@ -197,6 +247,8 @@ class Trainer:
         set_seed(cfg.run.seed)  # initialisation must not depend on whether the code cache was hit
         generator = build_generator(cfg.generator, code_dim=self.whitening.d, image_size=cfg.data.image_size,
                                     J=cfg.encoder.J, L=cfg.encoder.L)
+        if t.compile:
+            generator.compile()  # in place: state_dict keys, checkpoints and bundles stay as in eager mode
         optimizer = torch.optim.AdamW(generator.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.train_seconds = 0.0  # wall-clock time in training steps, evaluation excluded
         # Stepped by hand: accelerate's wrapper would step it once per process.
@@ -206,6 +258,8 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, float]] = []  # test PSNR against step and train_seconds
         self.last_checkpoint: Path | None = None  # newest checkpoint known intact and finite
+        self._first_bad_step = torch.full((), -1, dtype=torch.long, device=self.accelerator.device)
+        self._first_bad_loss = torch.zeros((), device=self.accelerator.device)
         self._stop_requested = False
 
     def _all_ranks_or_raise(self, action) -> None:
@@ -258,9 +312,25 @@ class Trainer:
         return (f"no checkpoint was saved before it; lower train.lr (now {self.cfg.train.lr}) or enable "
                 f"train.grad_clip and start the run again")
 
+    def _note_nonfinite(self, loss: torch.Tensor) -> None:
+        """Remember, on the device, the first step whose loss was not finite, and that loss."""
+        first = self._first_bad_step < 0
+        bad = ~torch.isfinite(loss.detach()) & first
+        self._first_bad_step = torch.where(bad, torch.full_like(self._first_bad_step, self.step), self._first_bad_step)
+        self._first_bad_loss = torch.where(bad, loss.detach().float(), self._first_bad_loss)
+
+    def _raise_if_nonfinite(self) -> None:
+        step = int(self._first_bad_step)  # the one host sync, every log_every steps
+        if self._any_rank(step >= 0):
+            value = float(self._first_bad_loss) if step >= 0 else float("nan")
+            raise NonFiniteLossError(f"the loss became {value} at step {max(step, 0)}; "
+                                     f"{self._no_good_checkpoint_note()}")
+
     def save_checkpoint(self) -> Path:
         """accelerate state for step `self.step` plus the config and a checksum manifest, written to a
-        temporary folder and renamed into place; refused if any weight or buffer is not finite."""
+        temporary folder and renamed into place; refused after a non-finite loss, or if any weight or
+        buffer is not finite."""
+        self._raise_if_nonfinite()
         bad = nonfinite_tensors(self.accelerator.unwrap_model(self.model))
         if self._any_rank(bool(bad)):
             raise NonFiniteLossError(
@@ -426,6 +496,8 @@ class Trainer:
         if self.resume_from is not None:
             self.resume(self.resume_from)
         acc.init_trackers("tensorboard")
+        if acc.device.type == "cpu":
+            acc.print(f"torch threads: {torch.get_num_threads()}, usable cores: {usable_cores()}")
         dataset = CodedImages(self.train_images, self.codesets["train"])
         sampler = StepBatches(len(dataset), t.batch_size, cfg.run.seed, self.step, self.total_steps,
                               acc.process_index, acc.num_processes)
@@ -433,9 +505,9 @@ class Trainer:
                             persistent_workers=False)
         previous_handler = signal.signal(signal.SIGINT, self._request_stop)
         bar = progress_bar(total=self.total_steps, initial=self.step, disable=not self.progress, desc="training",
-                   unit="step", dynamic_ncols=True)
+                           unit="step", dynamic_ncols=True)
         start, paused, resumed_seconds = time.time(), 0.0, self.train_seconds
-        images_seen, tic = 0, time.time()
+        window = StepRate(self.step)
         metrics: dict[str, float] = {}
         self.model.train()
         try:
@@ -447,22 +519,21 @@ class Trainer:
                 if self.step % t.checkpoint_every == 0 and self.step > 0:
                     self.save_checkpoint()
                 paused += time.time() - pause
+                window.exclude(time.time() - pause)
                 # Every image of this batch became unreadable since encoding: skip the step, on
                 # all ranks together so that their collectives stay in step.
                 if self._any_rank(batch is None):
                     self.step += 1
                     continue
                 codes, images = batch
-                codes, images = codes.to(acc.device), images.to(acc.device)
+                codes, images = codes.to(acc.device, non_blocking=True), images.to(acc.device, non_blocking=True)
                 if t.code_noise > 0:
                     seed = (cfg.run.seed * 1_000_003 + self.step) * 1009 + acc.process_index
                     codes = noisy_codes(codes, self.code_variances, t.code_noise, seed)
                 # 2. forward and backward
                 with acc.accumulate(self.model), acc.autocast():
                     _, loss = self.model(codes, images, loss=t.loss)
-                if self._any_rank(not torch.isfinite(loss).item()):
-                    raise NonFiniteLossError(f"the loss became {loss.item()} at step {self.step}; "
-                                             f"{self._no_good_checkpoint_note()}")
+                self._note_nonfinite(loss)  # read back only when logging or checkpointing: no sync per step
                 acc.backward(loss)
                 if t.grad_clip > 0:
                     acc.clip_grad_norm_(self.model.parameters(), t.grad_clip)
@@ -475,25 +546,31 @@ class Trainer:
                     hook()
                 self.step += 1
                 self.train_seconds = resumed_seconds + time.time() - start - paused
-                images_seen += len(images) * acc.num_processes
                 # 4. log
                 if self.step % t.log_every == 0:
-                    rate = images_seen / (time.time() - tic)
+                    self._raise_if_nonfinite()
+                    steps_per_s = window.rate(self.step)
                     logs = {"train/loss": loss.item(), "train/lr": self.scheduler.get_last_lr()[0],
-                            "train/images_per_s": rate}
+                            "train/images_per_s": steps_per_s * t.batch_size * acc.num_processes}
                     logs.update({f"train/{k}": v for k, v in acc.unwrap_model(self.model).stats.items()})
                     acc.log(logs, step=self.step)
-                    images_seen, tic = 0, time.time()
+                    if self.progress and window.collapsed():
+                        warn_slowdown(window)
+                    if t.max_minutes > 0:  # the bar's total follows whichever budget ends the run first
+                        left = 60 * t.max_minutes - self.train_seconds
+                        bar.total = max(self.step, min(self.total_steps, int(self.step + left * steps_per_s)))
+                        bar.set_postfix(loss=f"{logs['train/loss']:.4f}",
+                                        min=f"{self.train_seconds / 60:.1f}/{t.max_minutes:g}", refresh=False)
+                    else:
+                        bar.set_postfix(loss=f"{logs['train/loss']:.4f}", refresh=False)
                 bar.update(1)
-                # The step total overstates the run when the wall-clock budget ends it first.
-                budget = {"min": f"{self.train_seconds / 60:.1f}/{t.max_minutes:g}"} if t.max_minutes > 0 else {}
-                bar.set_postfix(loss=f"{loss.item():.4f}", **budget, refresh=False)
                 # 5. stop?
                 if self._should_stop():
                     break
         finally:
             signal.signal(signal.SIGINT, previous_handler)
             bar.close()
+        self._raise_if_nonfinite()
         self.save_checkpoint()
         if self._stop_requested:
             acc.print(f"interrupted at step {self.step}; checkpoint saved. Resume with --run.resume=latest")
