@@ -1,7 +1,6 @@
 """Hub-style bundles: Pipeline.save_pretrained and scatgen.load of folders and cached repo ids."""
 
 import json
-import shutil
 import time
 
 import pytest
