@@ -29,6 +29,7 @@ class DataConfig:
     num_train: int = 10000  # images in the train split; 0 = all (celeba, folder)
     num_test: int = 1000  # images in the test split; 0 = all (celeba, folder)
     test_fraction: float = 0.1  # folder: share of files hashed into the test split
+    split: str = "auto"  # folder: hash | folders (root/train + root/test or val) | auto = folders when present
     cache_images: bool = True  # store decoded, resized images once as uint8 (n·3N² bytes) under run.cache_dir; false = decode every step
 
 
@@ -131,6 +132,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("polygons", "celeba", "folder"),
+    "data.split": ("auto", "hash", "folders"),
     "encoder.backend": ("fast", "kymatio"),
     "whitening.method": ("auto", "exact", "randomized"),
     "train.loss": ("l1", "l2"),
@@ -298,7 +300,12 @@ def read_yaml(path: Path, what: str) -> Any:
 def config_from_dict(tree: dict) -> Config:
     """Rebuild a Config from `config_to_dict` output (e.g. from a bundle)."""
     cfg = Config()
-    _apply(cfg, _flatten(tree))
+    flat = _flatten(tree)
+    # Saved configs hold every field, so a missing data.split means one written before it existed,
+    # when folders were always hashed; reading it as auto could move images between splits.
+    if "data.name" in flat:
+        flat.setdefault("data.split", "hash")
+    _apply(cfg, flat)
     validate(cfg)
     return cfg
 
@@ -330,6 +337,8 @@ def validate(cfg: Config) -> None:
         (d.name != "polygons" or (d.num_train > 0 and d.num_test > 0),
          "polygons need data.num_train > 0 and data.num_test > 0"),
         (0.0 < d.test_fraction < 1.0, f"data.test_fraction={d.test_fraction} must be in (0, 1)"),
+        (d.split != "folders" or d.name == "folder",
+         f"data.split=folders applies to data.name=folder, not {d.name}; remove it or set data.split=auto"),
         (d.crop >= 0, f"data.crop={d.crop} must be >= 0"),
         (1 <= e.J <= 8, f"encoder.J={e.J} must be between 1 and 8"),
         (1 <= e.L <= 16, f"encoder.L={e.L} must be between 1 and 16"),

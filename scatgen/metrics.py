@@ -1,19 +1,24 @@
-"""Evaluation metrics as pure functions on tensors.
+"""Evaluation metrics as functions on tensors.
+
+SSIM, FID and KID come from torchmetrics, a maintained library; what no library does
+the same way stays here: PSNR per image, code statistics, precision/recall on k-NN
+manifolds, the memorisation check, and the offline Inception loader.
 
 Contents
 --------
 * Reconstruction quality: :func:`psnr`, :func:`ssim` (per image), :class:`RunningMean`
   to average per-image values over a whole split.
 * Whitened-code diagnostics: :func:`code_statistics`.
-* Sample quality: FID (:func:`feature_statistics`, :func:`frechet_distance`,
-  :func:`fid_from_features`), KID (:func:`kernel_inception_distance`), the Inception
-  feature extractor (:class:`InceptionFeatures`, :func:`load_inception`) and a generic
-  batched feature loop (:func:`compute_features`).
+* Sample quality: FID (:func:`fid_from_features`) and KID (:func:`kernel_inception_distance`)
+  on features from the Inception feature extractor (:class:`InceptionFeatures`,
+  :func:`load_inception`) or any network run by :func:`compute_features`.
 * Sample fidelity and coverage: :func:`precision_recall` (k-NN manifolds).
 * Memorisation: :func:`nearest_neighbour_distances`, :func:`memorisation_report`.
 
 Conventions: images are float tensors ``(B, 3, H, W)`` in ``[0, 1]`` unless stated
 otherwise. Nothing here downloads anything; the only I/O is loading Inception weights.
+torchmetrics is imported on first use: it pulls in torchvision, seconds that training,
+which only needs PSNR, should not pay.
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 
@@ -36,8 +40,6 @@ __all__ = [
     "ssim",
     "RunningMean",
     "code_statistics",
-    "feature_statistics",
-    "frechet_distance",
     "fid_from_features",
     "kernel_inception_distance",
     "InceptionUnavailable",
@@ -84,38 +86,22 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     return 10.0 * torch.log10(data_range**2 / mse)
 
 
-def _gaussian_1d(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Normalised 1-D Gaussian of ``size`` taps centred on the middle of the window."""
-    coords = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2.0
-    g = torch.exp(-(coords**2) / (2.0 * sigma**2))
-    return g / g.sum()
+SSIM_WINDOW = 11  # taps of torchmetrics' Gaussian window for sigma = 1.5: 2 * int(3.5 sigma + 0.5) + 1
 
 
-def ssim(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    data_range: float = 1.0,
-    win_size: int = 11,
-    sigma: float = 1.5,
-    k1: float = 0.01,
-    k2: float = 0.03,
-) -> torch.Tensor:
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Per-image structural similarity (Wang et al. 2004), averaged over channels and positions.
 
-    With a normalised Gaussian window ``w`` (``win_size`` x ``win_size``, std ``sigma``),
-    local statistics per channel are ``mu_x = w * x``, ``s_xx = w * x² - mu_x²``,
-    ``s_xy = w * xy - mu_x mu_y`` (``*`` = *valid* convolution, no padding), and::
+    torchmetrics computes the SSIM map with an 11 x 11 Gaussian window (std 1.5), C1 = (0.01 L)²,
+    C2 = (0.03 L)², L = data_range::
 
         SSIM = (2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x² + mu_y² + C1)(s_xx + s_yy + C2))
 
-    with ``C1 = (k1 L)²``, ``C2 = (k2 L)²``, ``L = data_range``. The map is averaged over
-    channels and all valid positions. This matches ``skimage.metrics.structural_similarity
-    (gaussian_weights=True, sigma=1.5, use_sample_covariance=False, channel_axis=0)`` and
-    ``pytorch_msssim.ssim`` (both average over the valid region only).
-
-    Images smaller than the window: the window is shrunk to ``min(win_size, H)`` x
-    ``min(win_size, W)`` taps (same ``sigma``, renormalised), so e.g. an 8x8 image gets
-    a single 8x8 window. (skimage raises and pytorch_msssim skips the blur instead.)
+    The map is averaged over the positions whose window lies inside the image, as
+    ``skimage.metrics.structural_similarity(gaussian_weights=True, use_sample_covariance=False)``
+    and ``pytorch_msssim`` do, and as scatgen always reported: torchmetrics' own mean also
+    covers the reflect-padded border, which for 32² images is half the positions. Images of
+    at most 10 pixels a side have no such position and get torchmetrics' mean.
 
     Args:
         x, y: ``(B, C, H, W)`` images in ``[0, data_range]``.
@@ -123,29 +109,18 @@ def ssim(
     Returns:
         ``(B,)`` float64 tensor; 1 for identical images.
     """
-    _check_pair(x, y)
-    x = x.double()
-    y = y.double()
-    b, c, h, w = x.shape
-    wh, ww = min(win_size, h), min(win_size, w)
-    gh = _gaussian_1d(wh, sigma, x.dtype, x.device)
-    gw = _gaussian_1d(ww, sigma, x.dtype, x.device)
-    # All five local moments in one separable blur: (B, 5C, H, W), one group per map so
-    # channels never mix.
-    stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)
-    kh = gh.view(1, 1, wh, 1).repeat(5 * c, 1, 1, 1)
-    kw = gw.view(1, 1, 1, ww).repeat(5 * c, 1, 1, 1)
-    blurred = F.conv2d(F.conv2d(stack, kh, groups=5 * c), kw, groups=5 * c)
-    mu_x, mu_y, e_xx, e_yy, e_xy = blurred.split(c, dim=1)
+    from torchmetrics.functional.image import structural_similarity_index_measure
 
-    c1 = (k1 * data_range) ** 2
-    c2 = (k2 * data_range) ** 2
-    s_xx = e_xx - mu_x**2
-    s_yy = e_yy - mu_y**2
-    s_xy = e_xy - mu_x * mu_y
-    num = (2 * mu_x * mu_y + c1) * (2 * s_xy + c2)
-    den = (mu_x**2 + mu_y**2 + c1) * (s_xx + s_yy + c2)
-    return (num / den).flatten(1).mean(dim=1)
+    _check_pair(x, y)
+    if min(x.shape[-2:]) <= SSIM_WINDOW // 2:
+        raise ValueError(f"SSIM needs images of more than {SSIM_WINDOW // 2} pixels a side, got {tuple(x.shape)}")
+    whole, full = structural_similarity_index_measure(
+        x.double(), y.double(), gaussian_kernel=True, sigma=1.5, kernel_size=SSIM_WINDOW, data_range=data_range,
+        k1=0.01, k2=0.03, reduction="none", return_full_image=True)
+    pad = SSIM_WINDOW // 2
+    if min(x.shape[-2:]) < SSIM_WINDOW:
+        return whole
+    return full[..., pad:-pad, pad:-pad].flatten(1).mean(dim=1)
 
 
 class RunningMean:
@@ -239,63 +214,40 @@ def code_statistics(codes: torch.Tensor) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------
 
 
-def _as_f64(a: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
-        a = a.detach().cpu().numpy()
-    return np.asarray(a, dtype=np.float64)
+class _GivenFeatures(torch.nn.Module):
+    """torchmetrics' `feature` extractor for features computed already: one Inception pass then
+    serves FID, KID and precision/recall."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features  # read by FrechetInceptionDistance instead of a dummy forward
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
 
 
-def feature_statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean ``(k,)`` and unbiased covariance ``(k, k)`` (divisor ``n - 1``) of ``(n, k)`` features.
-
-    Returned as float64 numpy arrays (the usual format of FID statistics files).
-    """
-    f = _as_f64(features)
-    if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError(f"expected (n, k) features with n >= 2, got shape {f.shape}")
-    return f.mean(axis=0), np.cov(f, rowvar=False)
-
-
-def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a symmetric PSD matrix (negative eigenvalues clamped to 0)."""
-    w, v = scipy.linalg.eigh(a)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-
-
-def frechet_distance(
-    mu1: torch.Tensor | np.ndarray,
-    sigma1: torch.Tensor | np.ndarray,
-    mu2: torch.Tensor | np.ndarray,
-    sigma2: torch.Tensor | np.ndarray,
-) -> float:
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (the FID formula).
-
-    ``d² = ||mu1 - mu2||² + Tr(S1 + S2 - 2 (S1 S2)^{1/2})``.
-
-    The trace term is computed without a non-symmetric matrix square root:
-    ``S1 S2`` is similar to ``A = S1^{1/2} S2 S1^{1/2}`` (symmetric PSD), so
-    ``Tr (S1 S2)^{1/2} = sum_i sqrt(lambda_i(A))``. Both steps use ``eigh`` in float64 and
-    clamp tiny negative round-off eigenvalues to 0, so the result is real by
-    construction — no complex parts to discard as with ``scipy.linalg.sqrtm`` (it agrees
-    with the sqrtm-based pytorch-fid formula to round-off; see the tests).
-    """
-    mu1, mu2 = _as_f64(mu1).reshape(-1), _as_f64(mu2).reshape(-1)
-    s1, s2 = np.atleast_2d(_as_f64(sigma1)), np.atleast_2d(_as_f64(sigma2))
-    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"shape mismatch: mu {mu1.shape}/{mu2.shape}, sigma {s1.shape}/{s2.shape}")
-    # Symmetrise: covariance estimates can be asymmetric at round-off level.
-    s1 = (s1 + s1.T) / 2
-    s2 = (s2 + s2.T) / 2
-    r1 = _sqrtm_psd(s1)
-    lam = scipy.linalg.eigvalsh(r1 @ s2 @ r1)
-    tr_covmean = float(np.sqrt(np.clip(lam, 0.0, None)).sum())
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+def _check_features(f1: torch.Tensor, f2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    f1, f2 = (torch.as_tensor(f).detach().cpu().double() for f in (f1, f2))
+    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
+        raise ValueError(f"expected (n1, k) and (n2, k) features, got {tuple(f1.shape)} and {tuple(f2.shape)}")
+    if min(len(f1), len(f2)) < 2:
+        raise ValueError(f"FID and KID need at least 2 samples in each set, got {len(f1)} and {len(f2)}")
+    return f1, f2
 
 
 def fid_from_features(f1: torch.Tensor | np.ndarray, f2: torch.Tensor | np.ndarray) -> float:
-    """FID between two ``(n, k)`` feature sets: ``frechet_distance(*stats(f1), *stats(f2))``."""
-    return frechet_distance(*feature_statistics(f1), *feature_statistics(f2))
+    """FID between two ``(n, k)`` feature sets, by torchmetrics' FrechetInceptionDistance:
+
+    ``d² = ||mu1 - mu2||² + Tr(S1 + S2 - 2 (S1 S2)^{1/2})`` with unbiased covariances (divisor
+    ``n - 1``), in float64.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    f1, f2 = _check_features(f1, f2)
+    metric = FrechetInceptionDistance(feature=_GivenFeatures(f1.shape[1]))
+    metric.update(f1, real=True)
+    metric.update(f2, real=False)
+    return float(metric.compute())
 
 
 def kernel_inception_distance(
@@ -305,37 +257,28 @@ def kernel_inception_distance(
     subset_size: int = 1000,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """KID (Bińkowski et al. 2018): unbiased MMD² with a cubic polynomial kernel.
+    """KID (Bińkowski et al. 2018) by torchmetrics' KernelInceptionDistance: unbiased MMD² with
+    the cubic kernel ``k(x, y) = (x·y / k + 1)^3``, ``k`` the feature dimension, averaged over
+    ``subsets`` random subsets of ``m = min(subset_size, n1, n2)`` rows of each set (without
+    replacement; drawn from torch's generator seeded with `seed`, the global one untouched).
 
-    ``k(x, y) = (x·y / k + 1)^3`` with ``k`` the feature dimension. For each of ``subsets``
-    random subsets (``m = min(subset_size, n1, n2)`` rows of each set, drawn without
-    replacement)::
-
-        MMD²_u = sum_{i!=j} k(x_i,x_j) / (m(m-1)) + sum_{i!=j} k(y_i,y_j) / (m(m-1))
-                 - 2 sum_{i,j} k(x_i,y_j) / m²
-
-    Returns ``(mean, std)`` over subsets (``std`` with ``ddof=0``, as torch-fidelity).
-    Unbiased, so it can be slightly negative when the two sets match.
+    Returns ``(mean, std)`` over subsets (``std`` with ``ddof=0``). Unbiased, so it can be
+    slightly negative when the two sets match.
     """
-    x_all, y_all = _as_f64(f1), _as_f64(f2)
-    if x_all.ndim != 2 or y_all.ndim != 2 or x_all.shape[1] != y_all.shape[1]:
-        raise ValueError(f"expected (n1, k) and (n2, k) features, got {x_all.shape} and {y_all.shape}")
-    k = x_all.shape[1]
-    m = min(subset_size, x_all.shape[0], y_all.shape[0])
-    if m < 2:
-        raise ValueError("KID needs at least 2 samples in each set")
-    rng = np.random.default_rng(seed)
-    vals = np.empty(subsets, dtype=np.float64)
-    for s in range(subsets):
-        x = x_all[rng.choice(x_all.shape[0], m, replace=False)]
-        y = y_all[rng.choice(y_all.shape[0], m, replace=False)]
-        kxx = (x @ x.T / k + 1.0) ** 3
-        kyy = (y @ y.T / k + 1.0) ** 3
-        kxy = (x @ y.T / k + 1.0) ** 3
-        off_xx = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
-        off_yy = (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-        vals[s] = off_xx + off_yy - 2.0 * kxy.mean()
-    return float(vals.mean()), float(vals.std())
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    f1, f2 = _check_features(f1, f2)
+    with warnings.catch_warnings():
+        # Its warning that all features are kept in memory: ours are, by construction.
+        warnings.filterwarnings("ignore", message=".*will save all extracted features", category=UserWarning)
+        metric = KernelInceptionDistance(feature=_GivenFeatures(f1.shape[1]), subsets=subsets,
+                                         subset_size=min(subset_size, len(f1), len(f2)))
+    metric.update(f1, real=True)
+    metric.update(f2, real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return float(mean), float(std)
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,16 +7,25 @@ the generator and the refinement.
     recons = pipe.reconstruct(images)        # G(L S_J x), refined towards S_J x
     samples = pipe.sample(16, seed=0)        # codes from the bundle's prior, decoded and refined
     path = pipe.interpolate(za, zb, steps=8) # (steps, 3, N, N)
+    pipe.save_pretrained("my-model")         # a bundle in the layout of huggingface_hub's ModelHubMixin
 
 `refine=None` means the bundle's refine.steps; 0 turns refinement off.
+
+Pipeline is a huggingface_hub ModelHubMixin: save_pretrained writes the bundle (model.safetensors
+and config.json at the top, as the Hub expects, beside scatgen's own files) and from_pretrained
+reads a folder or a Hub repo. scatgen.load never downloads: a repo id must be in the local cache.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from huggingface_hub import ModelHubMixin, snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
 from scatgen.config import Config, RefineConfig
 from scatgen.generators import Generator
@@ -40,8 +49,32 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (torch.sin((1 - t) * omega)[:, None] * a + torch.sin(t * omega)[:, None] * b) / torch.sin(omega)
 
 
-class Pipeline:
+MODEL_CARD = """
+---
+{{ card_data }}
+---
+
+A generative scattering network (Angles & Mallat, ICLR 2018), trained with scatgen: a fixed
+wavelet scattering transform and a linear whitening encode an image into a code, and a
+convolutional generator decodes it. Load it with
+
+```python
+import scatgen
+pipe = scatgen.load("THIS_FOLDER_OR_REPO_ID")   # a repo id is read from the local cache only
+samples = pipe.sample(16, seed=0)
+```
+
+config.yaml holds the training config; bundle.json the format version and shapes.
+"""
+
+
+class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_CARD,
+               paper_url="https://arxiv.org/abs/1805.06621", tags=["generative-scattering-network"]):
     """Encoder (fixed scattering + whitening), code priors and generator, on one device."""
+
+    # The mixin would otherwise make a config of __init__'s arguments (a generator, tensors):
+    # config.json is written by _save_pretrained from cfg instead.
+    _hub_mixin_config = {}
 
     def __init__(self, generator: Generator, whitening: Whitening, cfg: Config,
                  scattering: Scattering | None = None, device: torch.device | str = "cpu",
@@ -56,6 +89,7 @@ class Pipeline:
                 raise ValueError(f"the '{kind}' prior draws codes of d={prior.d}, but the whitening makes d="
                                  f"{whitening.d}; refit it with `python sample.py fit-prior RUN --kind {kind}`")
         self.priors: dict[str, CodePrior] = {"normal": NormalPrior(whitening.d), **(priors or {})}
+        self._fitted_priors = dict(priors or {})  # what a saved bundle holds; N(0, I) is always there
 
     @property
     def image_size(self) -> int:
@@ -149,9 +183,69 @@ class Pipeline:
         return self.decode((slerp if spherical else lerp)(a.float(), b.float(), t), refine=refine, known=known)
 
 
-def load(path: str | Path, device: torch.device | str = "cpu") -> Pipeline:
-    """A Pipeline from a bundle directory or a run directory."""
-    from scatgen.bundle import load_bundle, load_priors
+    # -- hub-style bundles (huggingface_hub.ModelHubMixin) -------------------------------------------
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> str | None:
+        """Write the bundle into `save_directory` (model.safetensors, whitening.safetensors,
+        config.yaml, bundle.json, priors/, and config.json plus a model card README.md for the
+        Hub); `push_to_hub=True, repo_id=...` uploads it, as ModelHubMixin.save_pretrained does."""
+        folder = Path(save_directory)
+        # The bundle replaces the whole folder: refuse one that holds anything else (a run directory).
+        ours = {"model.safetensors", "whitening.safetensors", "config.yaml", "bundle.json", "priors",
+                "config.json", "README.md"}
+        others = sorted(p.name for p in folder.iterdir() if p.name not in ours) if folder.is_dir() else []
+        if others:
+            raise ValueError(f"save_pretrained: '{folder}' holds other files ({', '.join(others[:3])}); "
+                             f"save into a new folder or over an earlier bundle")
+        return super().save_pretrained(folder, **kwargs)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from scatgen.bundle import bundle_info, save_bundle
+        from scatgen.config import config_to_dict
+
+        save_bundle(save_directory, self.generator, self.whitening, self.cfg,
+                    priors=list(self._fitted_priors.values()))
+        # The Hub reads config.json (and counts downloads by it); config.yaml stays the one scatgen reads.
+        config = {"scatgen": bundle_info(self.cfg, self.whitening), "config": config_to_dict(self.cfg)}
+        (save_directory / "config.json").write_text(json.dumps(config, indent=2))
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
+                         force_download: bool, local_files_only: bool, token: str | bool | None,
+                         device: torch.device | str = "cpu") -> Pipeline:
+        folder = Path(model_id)
+        if not folder.is_dir():
+            folder = Path(snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir,
+                                            force_download=force_download, local_files_only=local_files_only,
+                                            token=token))
+        return _load_folder(folder, device)
+
+
+def _load_folder(path: Path, device: torch.device | str) -> Pipeline:
+    from scatgen.bundle import find_bundle, load_bundle, load_priors
+    from scatgen.config import config_from_dict
 
     generator, whitening, cfg = load_bundle(path, device=device)
+    hub_config = find_bundle(path) / "config.json"
+    if hub_config.is_file() and config_from_dict(json.loads(hub_config.read_text())["config"]) != cfg:
+        raise ValueError(f"bundle '{hub_config.parent}': config.json and config.yaml disagree; scatgen reads "
+                         f"config.yaml, so edit that one and save the bundle again")
     return Pipeline(generator, whitening, cfg, device=device, priors=load_priors(path))
+
+
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def load(path: str | Path, device: torch.device | str = "cpu") -> Pipeline:
+    """A Pipeline from a run directory, a bundle directory (train.py's model/ or save_pretrained's),
+    or the id of a Hugging Face repo ("owner/name") in the local cache. Never downloads: fetch a
+    repo first with huggingface_hub.snapshot_download, or use Pipeline.from_pretrained."""
+    if Path(path).exists() or not REPO_ID.fullmatch(str(path)):
+        return _load_folder(Path(path), device)
+    try:
+        return Pipeline.from_pretrained(str(path), local_files_only=True, device=device)
+    except (LocalEntryNotFoundError, HFValidationError):
+        raise FileNotFoundError(
+            f"no model bundle at '{path}': it is neither a folder nor a Hugging Face repo in the local cache "
+            f"(scatgen.load never downloads); pass a run or bundle folder, or fetch the repo first with "
+            f"huggingface_hub.snapshot_download('{path}')") from None

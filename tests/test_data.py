@@ -158,6 +158,59 @@ def test_folder_missing_or_empty(tmp_path):
         build_dataset(DataConfig(name="folder", root=str(tmp_path / "empty")), "train")
 
 
+def _presplit_tree(root, test_name="test"):
+    """root/train/ (6 images, two class folders), root/<test_name>/ (3) and 2 stray top-level files."""
+    for sub, n in (("train/cat", 3), ("train/dog", 3), (f"{test_name}/cat", 3)):
+        (root / sub).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (i, 10 * len(sub), 0)).save(root / sub / f"{i}.png")
+    for name in ("stray0.png", "stray1.png"):
+        Image.new("RGB", (8, 8)).save(root / name)
+
+
+@pytest.mark.parametrize("test_name", ["test", "val"])
+def test_presplit_folder_uses_its_own_split(tmp_path, capfd, test_name):
+    root = tmp_path / "imgs"
+    _presplit_tree(root, test_name)
+    cfg = DataConfig(name="folder", root=str(root), image_size=8, num_train=0, num_test=0)  # data.split=auto
+    train, test = build_dataset(cfg, "train"), build_dataset(cfg, "test")
+    rel = lambda ds: {p.relative_to(root.resolve()).as_posix() for p in ds.files}  # noqa: E731
+    assert rel(train) == {f"train/{c}/{i}.png" for c in ("cat", "dog") for i in range(3)}
+    assert rel(test) == {f"{test_name}/cat/{i}.png" for i in range(3)}
+    assert f"{test_name}/ the test split" in capfd.readouterr().err
+    # hash mixes every file, the held-out ones and the strays included, into its own split.
+    hashed = DataConfig(name="folder", root=str(root), image_size=8, num_train=0, num_test=0, split="hash",
+                        test_fraction=0.5)
+    everything = rel(build_dataset(hashed, "train")) | rel(build_dataset(hashed, "test"))
+    assert len(everything) == 11 and rel(build_dataset(hashed, "test")) != rel(test)
+    # The split mode is part of the identity, so the code cache never mixes the two.
+    assert build_dataset(hashed, "train").identity()["split_mode"] == "hash"
+    assert train.identity()["split_mode"] == "folders"
+    folders = DataConfig(name="folder", root=str(root), image_size=8, split="folders")
+    assert build_dataset(folders, "train").identity() == train.identity()
+
+
+def test_presplit_folder_errors_and_old_configs(tmp_path):
+    from scatgen.config import config_from_dict, config_to_dict, load_config
+
+    root = tmp_path / "flat"
+    _write_images(root)
+    cfg = DataConfig(name="folder", root=str(root), image_size=8, split="folders")
+    with pytest.raises(FileNotFoundError, match="no train/ subfolder.*set data.split=hash"):
+        build_dataset(cfg, "train")
+    # auto on a folder without the subfolders hashes, as before.
+    assert build_dataset(DataConfig(name="folder", root=str(root), image_size=8), "train").identity()["split_mode"] \
+        == "hash"
+    with pytest.raises(ValueError, match="data.split=folders applies to data.name=folder"):
+        load_config(None, {"data.split": "folders"})
+    with pytest.raises(ValueError, match="data.split.*auto, hash, folders"):
+        load_config(None, {"data.split": "folder"})
+    # A config saved before data.split existed was trained on hashed folders: it still reads as hash.
+    tree = config_to_dict(load_config(None, {"data.name": "folder", "data.root": str(root)}))
+    assert tree["data"].pop("split") == "auto"
+    assert config_from_dict(tree).data.split == "hash"
+
+
 def _fake_celeba(root, with_partition=True):
     images = root / "celeba" / "img_align_celeba" if with_partition else root
     images.mkdir(parents=True, exist_ok=True)

@@ -17,9 +17,7 @@ from scatgen.metrics import (
     RunningMean,
     code_statistics,
     compute_features,
-    feature_statistics,
     fid_from_features,
-    frechet_distance,
     kernel_inception_distance,
     load_inception,
     memorisation_report,
@@ -94,12 +92,14 @@ def test_ssim_matches_reference_formula_on_single_window():
     torch.testing.assert_close(ssim(x, y), torch.stack(vals).mean().reshape(1))
 
 
-def test_ssim_small_images_use_image_sized_window():
+def test_ssim_small_images_average_the_whole_map_and_tiny_ones_are_refused():
     x = _smooth_images(2, size=8)
     y = (x + 0.05 * torch.randn(x.shape, generator=_gen(3), dtype=torch.float64)).clamp(0, 1)
     s = ssim(x, y)
     assert s.shape == (2,) and torch.isfinite(s).all() and (s < 1).all()
     torch.testing.assert_close(ssim(x, x), torch.ones(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="more than 5 pixels a side"):
+        ssim(x[..., :5, :5], y[..., :5, :5])
 
 
 # --------------------------------------------------------------------------- RunningMean
@@ -156,32 +156,23 @@ def test_code_statistics_closed_forms():
 # --------------------------------------------------------------------------- FID / KID
 
 
-def test_frechet_distance_closed_forms():
-    rng = np.random.default_rng(0)
-    k = 5
-    a = rng.normal(size=(k, k))
-    sigma = a @ a.T + 0.1 * np.eye(k)
-    mu = rng.normal(size=k)
-    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-9)
-    shift = rng.normal(size=k)
-    assert frechet_distance(mu, sigma, mu + shift, sigma) == pytest.approx(float(shift @ shift), abs=1e-9)
-    d1, d2 = rng.uniform(0.1, 3, size=k), rng.uniform(0.1, 3, size=k)
-    expected = float(((np.sqrt(d1) - np.sqrt(d2)) ** 2).sum())
-    assert frechet_distance(mu, np.diag(d1), mu, np.diag(d2)) == pytest.approx(expected, rel=1e-10)
-    # General case agrees with the pytorch-fid (scipy sqrtm) formula; torch inputs accepted.
-    b = rng.normal(size=(k, k))
-    sigma2 = b @ b.T
-    covmean = scipy.linalg.sqrtm(sigma @ sigma2).real
-    ref = float(np.trace(sigma) + np.trace(sigma2) - 2 * np.trace(covmean))
-    got = frechet_distance(torch.tensor(mu), torch.tensor(sigma), torch.tensor(mu), torch.tensor(sigma2))
-    assert got == pytest.approx(ref, rel=1e-8)
-
-
-def test_feature_statistics_shapes():
-    f = torch.randn(50, 7, generator=_gen(7))
-    mu, sigma = feature_statistics(f)
-    assert mu.shape == (7,) and sigma.shape == (7, 7) and sigma.dtype == np.float64
-    np.testing.assert_allclose(sigma, np.cov(f.double().numpy(), rowvar=False))
+def test_fid_closed_forms():
+    g = _gen(0)
+    f = torch.randn(500, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 5, generator=g, dtype=torch.float64)
+    assert fid_from_features(f, f) == pytest.approx(0.0, abs=1e-8)
+    shift = torch.randn(5, generator=g, dtype=torch.float64)
+    assert fid_from_features(f, f + shift) == pytest.approx(float(shift @ shift), rel=1e-8)
+    # Independent per-dimension scales: FID = sum (sqrt(v1) - sqrt(v2))² over the sample variances.
+    a, b = torch.randn(500, 4, generator=g, dtype=torch.float64), torch.randn(500, 4, generator=g, dtype=torch.float64)
+    a, b = (x - x.mean(0) for x in (a, b))
+    a = a @ torch.linalg.inv(torch.linalg.cholesky(a.T @ a / 499)).T  # sample covariance exactly I
+    b = b @ torch.linalg.inv(torch.linalg.cholesky(b.T @ b / 499)).T
+    s1, s2 = torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64), torch.tensor([1.0, 1.0, 0.5, 2.0],
+                                                                                    dtype=torch.float64)
+    expected = float(((s1 - s2) ** 2).sum())
+    assert fid_from_features(a * s1, b * s2) == pytest.approx(expected, rel=1e-8)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        fid_from_features(f[:1], f)
 
 
 def test_kid_identical_small_separated_positive():
@@ -326,3 +317,86 @@ def test_precision_recall_on_constructed_sets():
     assert far["precision"] == 0.0 and far["recall"] == 0.0
     with pytest.raises(ValueError, match="more than 3 points"):
         precision_recall(real[:3], real, k=3)
+
+
+# --------------------------------------------------------------------------- torchmetrics against the formulas it replaced
+# scatgen computed SSIM, FID and KID by hand until it moved to torchmetrics. These are those
+# formulas, kept here as the references: the numbers must not move.
+
+
+def _reference_ssim(x: torch.Tensor, y: torch.Tensor, win: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Separable Gaussian blur of the five moments, valid positions only, float64."""
+    x, y = x.double(), y.double()
+    c = x.shape[1]
+    taps = torch.arange(win, dtype=torch.float64) - (win - 1) / 2
+    g = torch.exp(-(taps**2) / (2 * sigma**2))
+    g = g / g.sum()
+    stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)
+    blurred = torch.nn.functional.conv2d(stack, g.view(1, 1, win, 1).repeat(5 * c, 1, 1, 1), groups=5 * c)
+    blurred = torch.nn.functional.conv2d(blurred, g.view(1, 1, 1, win).repeat(5 * c, 1, 1, 1), groups=5 * c)
+    mx, my, exx, eyy, exy = blurred.split(c, dim=1)
+    c1, c2 = 0.01**2, 0.03**2
+    num = (2 * mx * my + c1) * (2 * (exy - mx * my) + c2)
+    den = (mx**2 + my**2 + c1) * (exx - mx**2 + eyy - my**2 + c2)
+    return (num / den).flatten(1).mean(dim=1)
+
+
+def _reference_fid(f1: np.ndarray, f2: np.ndarray) -> float:
+    """Tr(S1 S2)^{1/2} from the eigenvalues of S1^{1/2} S2 S1^{1/2}, all symmetric, in float64."""
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    w, v = scipy.linalg.eigh(s1)
+    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    tr_covmean = np.sqrt(np.clip(scipy.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def _reference_mmd(x: np.ndarray, y: np.ndarray) -> float:
+    k, m = x.shape[1], len(x)
+    kxx, kyy, kxy = ((a @ b.T / k + 1.0) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    return float((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
+
+
+def test_torchmetrics_ssim_agrees_with_the_hand_written_one():
+    x = _smooth_images(6, size=32, seed=30)
+    y = (x + 0.08 * torch.randn(x.shape, generator=_gen(31), dtype=torch.float64)).clamp(0, 1)
+    reference = _reference_ssim(x, y)
+    assert 0.2 < reference.min() and reference.max() < 0.95  # a range where a wrong border would show
+    # torchmetrics clamps negative local variances to 0 where the reference does not; nothing else differs.
+    torch.testing.assert_close(ssim(x, y), reference, atol=1e-10, rtol=0)
+    torch.testing.assert_close(ssim(x.float(), y.float()), reference, atol=1e-6, rtol=0)
+    # torchmetrics' own mean also covers the reflect-padded border: a different number, which is why
+    # ssim() averages its map over the valid positions.
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    whole = structural_similarity_index_measure(x, y, data_range=1.0, reduction="none")
+    assert (whole - reference).abs().max() > 1e-3
+
+
+def test_torchmetrics_fid_and_kid_agree_with_the_hand_written_ones():
+    g = _gen(40)
+    mix = torch.randn(64, 64, generator=g, dtype=torch.float64) / 8
+    real = torch.relu(torch.randn(400, 64, generator=g, dtype=torch.float64) @ mix + 0.3)
+    fake = torch.relu(torch.randn(300, 64, generator=g, dtype=torch.float64) @ (mix * 1.2) + 0.25)
+    reference = _reference_fid(real.numpy(), fake.numpy())
+    assert reference > 0.1
+    assert fid_from_features(real, fake) == pytest.approx(reference, rel=1e-8)
+    assert fid_from_features(real.float(), fake.float()) == pytest.approx(reference, rel=1e-5)
+    # A subset as large as the smaller set: every subset of that one is all of it; the other set's
+    # subsets are random, so compare with the reference on the same draws.
+    kid, kid_std = kernel_inception_distance(real[:300], fake, subsets=4, subset_size=1000, seed=3)
+    full = _reference_mmd(real[:300].numpy(), fake.numpy())
+    assert kid == pytest.approx(full, rel=1e-9) and kid_std == pytest.approx(0.0, abs=1e-9 * abs(full))
+    # Random subsets: the draws come from torch's generator seeded with `seed` (numpy's before), so the
+    # mean over many subsets agrees with the reference's to within its spread.
+    kid, kid_std = kernel_inception_distance(real, fake, subsets=50, subset_size=100, seed=0)
+    rng = np.random.default_rng(0)
+    draws = [_reference_mmd(real.numpy()[rng.choice(400, 100, replace=False)],
+                            fake.numpy()[rng.choice(300, 100, replace=False)]) for _ in range(50)]
+    assert abs(kid - np.mean(draws)) < 3 * np.std(draws) / np.sqrt(50) * np.sqrt(2)
+    assert kid_std == pytest.approx(np.std(draws), rel=0.5)
+    # Seeded: the same call gives the same number, and the global generator is left alone.
+    state = torch.random.get_rng_state()
+    assert kernel_inception_distance(real, fake, subsets=5, subset_size=50, seed=7) == \
+        kernel_inception_distance(real, fake, subsets=5, subset_size=50, seed=7)
+    assert torch.equal(state, torch.random.get_rng_state())

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import ROOT, as_args, run_script, tiny_overrides
@@ -161,3 +162,34 @@ def test_two_processes_train_together_and_write_exactly_one_bundle(tmp_path):
     _, reference, _ = prepare_codes(single, "cpu", progress=False)
     torch.testing.assert_close(whitening.mean, reference.mean, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(whitening.eigenvalues, reference.eigenvalues, rtol=1e-3, atol=1e-6)
+
+
+def _presplit_folder(root, n_train: int = 64, n_test: int = 16):
+    """A torchvision-style tree, root/train/ and root/test/, of 32² smooth random images."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        (root / split).mkdir(parents=True)
+        images = torch.nn.functional.avg_pool2d(torch.rand(n, 3, 32, 32, generator=g), 5, 1, 2)
+        for i, image in enumerate(images):
+            pixels = (image.permute(1, 2, 0) * 255).round().byte().numpy()
+            Image.fromarray(pixels).save(root / split / f"{i:03d}.png")
+
+
+def test_train_script_on_a_presplit_folder(tmp_path):
+    root = tmp_path / "images"
+    _presplit_folder(root)
+    overrides = tiny_overrides(tmp_path, data__name="folder", data__root=root, data__num_train=0, data__num_test=0,
+                               train__max_steps=4, prior__kind="normal", refine__steps=0)
+    result = run_script("train.py", str(ROOT / "configs/polygons.yaml"), *as_args(overrides))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "is split already: train/ is the train split, test/ the test split" in result.stderr
+    # The codes of each split come from its own folder, all of it and nothing else.
+    for split, n in (("train", 64), ("test", 16)):
+        (cache,) = (tmp_path / "cache").glob(f"codes-{split}-*.safetensors")
+        with safe_open(str(cache), framework="pt") as f:
+            identity = json.loads(f.metadata()["scatgen_codes"])["dataset"]
+            assert len(f.get_tensor("codes")) == n
+        assert identity["split_mode"] == "folders" and identity["split_folder"] == split and identity["count"] == n
+    assert load_bundle(tmp_path / "run")[2].data.split == "auto"

@@ -47,7 +47,8 @@ def _open_dataset(cfg, split: str) -> Dataset:
     if cfg.name == "celeba":
         return CelebADataset(cfg.root, split, cfg.image_size, cfg.crop, limit)
     if cfg.name == "folder":
-        return ImageFolderDataset(cfg.root, split, cfg.image_size, cfg.crop, cfg.seed, cfg.test_fraction, limit)
+        return ImageFolderDataset(cfg.root, split, cfg.image_size, cfg.crop, cfg.seed, cfg.test_fraction, limit,
+                                  split_mode=cfg.split)
     raise ValueError(f"data.name must be one of polygons, celeba, folder, got {cfg.name!r}")
 
 

@@ -1,0 +1,238 @@
+"""The commands that use a trained model, one function each: sample, interpolate, reconstruct,
+evaluate, fit-prior, atoms. `scatgen COMMAND RUN ...` and `python sample.py COMMAND RUN ...` both
+run `main`; each passes its own help text of example commands.
+
+RUN is a run directory or its model/ bundle. Pictures go to RUN/samples/ unless --out says otherwise.
+"""
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import scatgen
+from scatgen.data import load_image
+from scatgen.evaluation import evaluate, load_split, markdown_table, reconstruction_metrics, write_report
+from scatgen.pictures import display_scale, enlarge, grid, rows_grid, save_gif, save_png, to_pil, to_unit
+from scatgen.prior import PRIOR_KINDS
+from scatgen.utils import atomic_path
+
+
+def out_dir(args) -> Path:
+    run = Path(args.run)
+    base = run.parent if (run / "bundle.json").is_file() else run
+    path = Path(args.out) if args.out else base / "samples"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def user_image(path: str | Path, size: int) -> torch.Tensor:
+    """A user's image file; one of another size is centre-cropped and resized, with a notice."""
+    image = load_image(path, size)
+    with Image.open(path) as im:
+        if im.size != (size, size):
+            print(f"notice: {path} is {im.size[0]}×{im.size[1]}; centre-cropped and resized to {size}×{size}",
+                  file=sys.stderr)
+    return image
+
+
+def dataset_image(pipe, spec: str, data_root: str | None) -> torch.Tensor:
+    split, _, index = spec.partition(":")
+    dataset = load_split(pipe, split, data_root=data_root)
+    i = int(index)
+    if not 0 <= i < len(dataset):
+        raise ValueError(f"'{spec}': index {i} is out of range; the {split} split has {len(dataset)} images")
+    image = dataset[i]
+    if image is None:
+        raise ValueError(f"'{spec}': that image is unreadable")
+    return image
+
+
+def endpoint(pipe, spec: str, data_root: str | None, prior: str | None) -> torch.Tensor:
+    """'seed:K' → a code from the prior; 'train:I' / 'test:I' → a dataset image; anything else → an image file."""
+    if spec.startswith("seed:"):
+        return pipe.random_codes(1, seed=int(spec[5:]), prior=prior)[0]
+    if spec.startswith(("train:", "test:")):
+        return dataset_image(pipe, spec, data_root)
+    return user_image(spec, pipe.image_size)
+
+
+def cmd_sample(pipe, args) -> None:
+    samples = pipe.sample(args.n, seed=args.seed, temperature=args.temperature, prior=args.prior, refine=args.refine)
+    out = out_dir(args)
+    prior = args.prior or pipe.default_prior
+    refine = pipe.refine_settings(args.refine).steps
+    name = f"samples-{prior}-refine{refine}-seed{args.seed}-t{args.temperature:g}.png"
+    path = save_png(enlarge(grid(samples, nrow=args.nrow), display_scale(pipe.image_size)), out / name)
+    if args.individual:
+        for i, image in enumerate(samples):
+            to_pil(to_unit(image)).save(out / f"sample-{args.seed}-{i:04d}.png")
+    print(f"wrote {path}")
+
+
+def cmd_interpolate(pipe, args) -> None:
+    a, b = (endpoint(pipe, s, args.data_root, args.prior) for s in (args.a, args.b))
+    # A prior's draw is information only in the components the prior models.
+    seeds = any(spec.startswith("seed:") for spec in (args.a, args.b))
+    known = pipe.priors[args.prior or pipe.default_prior].modelled if seeds else None
+    path_images = pipe.interpolate(a, b, steps=args.steps, spherical=args.spherical, refine=args.refine, known=known)
+    out = out_dir(args)
+    stem = f"interpolation-{args.a}-{args.b}".replace(":", "").replace("/", "_")[:80]
+    save_png(enlarge(grid(path_images, nrow=args.steps), display_scale(pipe.image_size)), out / f"{stem}.png")
+    save_gif(path_images, out / f"{stem}.gif", scale=display_scale(pipe.image_size))
+    print(f"wrote {out / stem}.png and .gif")
+
+
+def cmd_reconstruct(pipe, args) -> None:
+    if args.images or args.folder:
+        paths = [Path(p) for p in args.images or []]
+        if args.folder:
+            folder = Path(args.folder)
+            if not folder.is_dir():
+                raise FileNotFoundError(f"--folder '{folder}' is not a directory")
+            paths += sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        if not paths:
+            raise ValueError("no images to reconstruct: pass --images FILES, --folder DIR or --split")
+        dataset = [user_image(p, pipe.image_size) for p in paths[:args.n]]
+        names = [str(p) for p in paths[:args.n]]
+    else:
+        dataset = load_split(pipe, args.split, data_root=args.data_root)
+        dataset = torch.utils.data.Subset(dataset, range(min(args.n, len(dataset))))
+        names = [f"{args.split}:{i}" for i in range(len(dataset))]
+    refine = pipe.refine_settings(args.refine).steps
+    metrics = reconstruction_metrics(pipe, dataset, keep_images=True, refine=refine)
+    kinds = ["raw"] + (["refined"] if refine > 0 else [])
+    per_image = [{"image": name} for name in names]
+    for kind in kinds:
+        for row, p, s in zip(per_image, metrics[kind].pop("psnr_per_image").tolist(),
+                             metrics[kind].pop("ssim_per_image").tolist()):
+            row[kind] = {"psnr": p, "ssim": s}
+    images = metrics.pop("images")
+    pictures = [images] + [metrics[kind].pop("recons") for kind in kinds]
+    metrics.pop("codes")
+    out = out_dir(args)
+    # Rows: originals, G, and (with refinement) refined, for each group of nrow images.
+    picture = enlarge(rows_grid(pictures, nrow=args.nrow), display_scale(pipe.image_size))
+    save_png(picture, out / "reconstructions.png")
+    with atomic_path(out / "reconstructions.json") as tmp:
+        tmp.write_text(json.dumps({"mean": metrics, "refine_steps": refine, "images": per_image}, indent=2))
+    for row in per_image:
+        print(f"{row['image']}: " + ", ".join(f"{k} PSNR {row[k]['psnr']:.2f} dB SSIM {row[k]['ssim']:.4f}"
+                                                for k in kinds))
+    for kind in kinds:
+        print(f"mean over {metrics[kind]['n']} ({kind}): PSNR {metrics[kind]['psnr']:.2f} dB, "
+              f"SSIM {metrics[kind]['ssim']:.4f}")
+    print(f"wrote {out / 'reconstructions.png'} (rows: originals, G" + (", refined)" if refine else ")"))
+
+
+def cmd_evaluate(pipe, args) -> None:
+    report = evaluate(pipe, num_train=args.num_train, num_fid=args.num_fid, inception=args.inception,
+                      seed=args.seed, data_root=args.data_root, refine=args.refine, priors=args.priors)
+    run = Path(args.run)
+    target = Path(args.out) if args.out else (run.parent if (run / "bundle.json").is_file() else run)
+    json_path, md_path = write_report(report, target)
+    print(markdown_table(report))
+    print(f"wrote {json_path} and {md_path} ({report['seconds']:.0f} s)")
+
+
+def cmd_fit_prior(pipe, args) -> None:
+    from scatgen.bundle import add_prior
+    from scatgen.codes import encode_split
+    from scatgen.prior import fit_prior
+
+    cfg = replace(pipe.cfg.prior, kind=args.kind)
+    if args.fit_steps is not None:
+        cfg = replace(cfg, fit_steps=args.fit_steps)
+    data_cfg = replace(pipe.cfg.data, root=args.data_root) if args.data_root else pipe.cfg.data
+    # The run's code cache answers when it is still there; otherwise the train split is encoded again.
+    codes = encode_split(replace(pipe.cfg, data=data_cfg), "train", pipe.scattering, pipe.whitening, pipe.device).codes
+    prior = fit_prior(codes, cfg, seed=args.seed, device=pipe.device, progress=True)
+    path = add_prior(args.run, prior)
+    print(f"wrote {path} ({args.kind} prior on {len(codes)} train codes); sample with --prior {args.kind}")
+
+
+def cmd_atoms(pipe, args) -> None:
+    from scatgen.generators.sparse_deconv import atoms_report
+
+    report = atoms_report(pipe, out_dir(args), data_root=args.data_root)
+    print(json.dumps(report, indent=2))
+
+
+def count(minimum: int):
+    """argparse type: an integer >= minimum, with a message that says so."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got '{text}'") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got '{text}'") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+COMMANDS = {"sample": cmd_sample, "interpolate": cmd_interpolate, "reconstruct": cmd_reconstruct,
+            "evaluate": cmd_evaluate, "fit-prior": cmd_fit_prior, "atoms": cmd_atoms}
+
+
+def main(argv: list[str], prog: str | None = None, description: str | None = None) -> int:
+    """Parse `COMMAND RUN [options]` and run it; returns the exit status (1 on a user error)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description or __doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    parsers = {name: sub.add_parser(name) for name in COMMANDS}
+    for p in parsers.values():
+        p.add_argument("run", help="run directory or model bundle")
+        p.add_argument("--out", help="output folder")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--data-root", help="dataset root, if it moved since training")
+    for name in ("sample", "interpolate", "reconstruct", "evaluate"):
+        parsers[name].add_argument("--refine", type=count(0), help="refinement steps after G; 0 = off "
+                                   "(default: the bundle's refine.steps)")
+    for name in ("sample", "interpolate"):
+        parsers[name].add_argument("--prior", choices=PRIOR_KINDS, help="code prior (default: the bundle's)")
+    parsers["sample"].add_argument("--n", type=count(1), default=64)
+    parsers["sample"].add_argument("--temperature", type=positive_float, default=1.0)
+    parsers["sample"].add_argument("--individual", action="store_true", help="also write one PNG per sample")
+    parsers["sample"].add_argument("--nrow", type=count(1), default=8)
+    parsers["interpolate"].add_argument("--a", required=True, help="image path, train:I, test:I or seed:K")
+    parsers["interpolate"].add_argument("--b", required=True, help="image path, train:I, test:I or seed:K")
+    parsers["interpolate"].add_argument("--steps", type=count(2), default=10)
+    parsers["interpolate"].add_argument("--spherical", action="store_true")
+    parsers["reconstruct"].add_argument("--images", nargs="+")
+    parsers["reconstruct"].add_argument("--folder")
+    parsers["reconstruct"].add_argument("--split", default="test", choices=["train", "test"])
+    parsers["reconstruct"].add_argument("--n", type=count(1), default=32)
+    parsers["reconstruct"].add_argument("--nrow", type=count(1), default=8)
+    parsers["evaluate"].add_argument("--inception", help="TorchScript FID Inception weights")
+    parsers["evaluate"].add_argument("--num-fid", type=count(4), default=1000, help="N for FID/KID")
+    parsers["evaluate"].add_argument("--num-train", type=count(1), default=2000, help="train images for PSNR")
+    parsers["evaluate"].add_argument("--priors", nargs="+", choices=PRIOR_KINDS,
+                                     help="priors to sample from (default: every one the bundle holds)")
+    parsers["fit-prior"].add_argument("--kind", choices=PRIOR_KINDS, default="flow")
+    parsers["fit-prior"].add_argument("--fit-steps", type=count(1), help="flow: optimizer steps (default: the config's)")
+    args = parser.parse_args(argv)
+    try:
+        pipe = scatgen.load(args.run, device=args.device)
+        COMMANDS[args.command](pipe, args)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
