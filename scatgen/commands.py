@@ -43,8 +43,8 @@ def user_image(path: str | Path, size: int) -> torch.Tensor:
 
 def dataset_image(pipe, spec: str, data_root: str | None) -> torch.Tensor:
     split, _, index = spec.partition(":")
+    i = spec_index(spec, index)
     dataset = load_split(pipe, split, data_root=data_root)
-    i = int(index)
     if not 0 <= i < len(dataset):
         raise ValueError(f"'{spec}': index {i} is out of range; the {split} split has {len(dataset)} images")
     image = dataset[i]
@@ -53,10 +53,18 @@ def dataset_image(pipe, spec: str, data_root: str | None) -> torch.Tensor:
     return image
 
 
+def spec_index(spec: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"'{spec}': expected a whole number after the colon, e.g. "
+                         f"{spec.partition(':')[0]}:0") from None
+
+
 def endpoint(pipe, spec: str, data_root: str | None, prior: str | None) -> torch.Tensor:
     """'seed:K' → a code from the prior; 'train:I' / 'test:I' → a dataset image; anything else → an image file."""
     if spec.startswith("seed:"):
-        return pipe.random_codes(1, seed=int(spec[5:]), prior=prior)[0]
+        return pipe.random_codes(1, seed=spec_index(spec, spec[5:]), prior=prior)[0]
     if spec.startswith(("train:", "test:")):
         return dataset_image(pipe, spec, data_root)
     return user_image(spec, pipe.image_size)
@@ -90,16 +98,30 @@ def cmd_interpolate(pipe, args) -> None:
 
 def cmd_reconstruct(pipe, args) -> None:
     if args.images or args.folder:
-        paths = [Path(p) for p in args.images or []]
+        named = [Path(p) for p in args.images or []]
+        found = []
         if args.folder:
             folder = Path(args.folder)
             if not folder.is_dir():
                 raise FileNotFoundError(f"--folder '{folder}' is not a directory")
-            paths += sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-        if not paths:
+            found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        if not named and not found:
             raise ValueError("no images to reconstruct: pass --images FILES, --folder DIR or --split")
-        dataset = [user_image(p, pipe.image_size) for p in paths[:args.n]]
-        names = [str(p) for p in paths[:args.n]]
+        dataset, names = [], []
+        for p in named + found:
+            if len(dataset) == args.n:
+                break
+            try:
+                dataset.append(user_image(p, pipe.image_size))
+            except (ValueError, OSError) as e:
+                if p in named:  # a file the user named must be readable
+                    raise
+                # A folder is read as training reads one: a bad file is skipped, not fatal.
+                print(f"warning: skipping unreadable image {p}: {str(e).splitlines()[0]}", file=sys.stderr)
+                continue
+            names.append(str(p))
+        if not dataset:
+            raise ValueError(f"no readable images in --folder '{args.folder}'")
     else:
         dataset = load_split(pipe, args.split, data_root=args.data_root)
         dataset = torch.utils.data.Subset(dataset, range(min(args.n, len(dataset))))

@@ -302,3 +302,26 @@ def test_manifest_detects_a_missing_file(tmp_path):
     from scatgen.integrity import verify_manifest
     with pytest.raises(CorruptFileError, match="a.bin' is missing"):
         verify_manifest(tmp_path)
+
+
+def test_sample_script_rejects_a_bad_dataset_index(run_dir, tmp_path):
+    result = run_script("sample.py", "interpolate", str(run_dir), "--a", "test:abc", "--b", "test:1",
+                        "--refine", "0", "--out", str(tmp_path))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "'test:abc': expected a whole number" in result.stderr
+
+
+def test_reconstruct_folder_skips_a_corrupt_file(run_dir, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(folder / f"ok{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result = run_script("sample.py", "reconstruct", str(run_dir), "--folder", str(folder), "--refine", "0",
+                        "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "skipping unreadable image" in result.stderr and "broken.png" in result.stderr
+    report = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert "broken.png" not in json.dumps(report) and "ok1.png" in json.dumps(report)
