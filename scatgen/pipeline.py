@@ -192,7 +192,7 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         folder = Path(save_directory)
         # The bundle replaces the whole folder: refuse one that holds anything else (a run directory).
         ours = {"model.safetensors", "whitening.safetensors", "config.yaml", "bundle.json", "priors",
-                "config.json", "README.md"}
+                "checksums.json", "config.json", "README.md"}
         others = sorted(p.name for p in folder.iterdir() if p.name not in ours) if folder.is_dir() else []
         if others:
             raise ValueError(f"save_pretrained: '{folder}' holds other files ({', '.join(others[:3])}); "
@@ -202,12 +202,14 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
     def _save_pretrained(self, save_directory: Path) -> None:
         from scatgen.bundle import bundle_info, save_bundle
         from scatgen.config import config_to_dict
+        from scatgen.integrity import update_manifest
 
         save_bundle(save_directory, self.generator, self.whitening, self.cfg,
                     priors=list(self._fitted_priors.values()))
         # The Hub reads config.json (and counts downloads by it); config.yaml stays the one scatgen reads.
         config = {"scatgen": bundle_info(self.cfg, self.whitening), "config": config_to_dict(self.cfg)}
         (save_directory / "config.json").write_text(json.dumps(config, indent=2))
+        update_manifest(save_directory, "config.json")
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import scatgen
+from scatgen.integrity import update_manifest
 from scatgen.pipeline import Pipeline
 
 
@@ -24,7 +25,7 @@ def test_save_pretrained_then_load_gives_identical_outputs(run_dir, tmp_path):
     pipe.save_pretrained(tmp_path / "hub")
     names = {p.relative_to(tmp_path / "hub").as_posix() for p in (tmp_path / "hub").rglob("*") if p.is_file()}
     assert names == {"config.json", "model.safetensors", "whitening.safetensors", "config.yaml", "bundle.json",
-                     "priors/flow.safetensors", "README.md"}
+                     "priors/flow.safetensors", "README.md", "checksums.json"}
     config = json.loads((tmp_path / "hub" / "config.json").read_text())
     assert config["scatgen"]["d"] == 32 and config["config"]["encoder"]["J"] == 3
     assert "library_name: scatgen" in (tmp_path / "hub" / "README.md").read_text()
@@ -36,6 +37,9 @@ def test_save_pretrained_then_load_gives_identical_outputs(run_dir, tmp_path):
     # A bundle's config.json is for the Hub; scatgen reads config.yaml, and refuses a mismatch.
     config["config"]["encoder"]["L"] = 8
     (tmp_path / "hub" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="corrupt bundle.*config.json"):  # its checksum notices first
+        scatgen.load(tmp_path / "hub")
+    update_manifest(tmp_path / "hub", "config.json")  # a consistent but contradictory bundle
     with pytest.raises(ValueError, match="config.json and config.yaml disagree"):
         scatgen.load(tmp_path / "hub")
 
