@@ -107,7 +107,7 @@ def main() -> None:
     from scatgen.evaluation import cpu_or_gpu_name
     import torch
 
-    print(f"machine: {cpu_or_gpu_name('cpu')}, torch threads {torch.get_num_threads()}, "
+    print(f"machine: {cpu_or_gpu_name(torch.device('cpu'))}, torch threads {torch.get_num_threads()}, "
           f"usable cores {len(os.sched_getaffinity(0))}")
     if not args.profile_only:
         work = Path(tempfile.mkdtemp(prefix="scatgen-throughput-"))

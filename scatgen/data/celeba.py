@@ -75,7 +75,12 @@ def _find_layout(root: Path) -> tuple[Path, Path | None]:
 def _read_partition(partition: Path, split: str) -> list[str]:
     """Names with the split's code, from "NAME CODE" lines (or "NAME,CODE" with an optional header)."""
     names = []
-    for line_no, line in enumerate(partition.read_text().splitlines(), 1):
+    try:
+        text = partition.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{partition} is not UTF-8 text (byte {e.start}); restore the original "
+                         f"list_eval_partition.txt") from None
+    for line_no, line in enumerate(text.splitlines(), 1):
         parts = line.replace(",", " ").split()
         if not parts:
             continue
