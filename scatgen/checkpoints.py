@@ -131,7 +131,8 @@ def resume_conflicts(trained: dict, cfg: Config) -> list[str]:
     """The fields (as 'key: checkpoint value → new value') that a resume may not change."""
     old, new = _flat(trained), _flat(config_to_dict(cfg))
     conflicts = []
-    for key in sorted(set(old) | set(new)):
+    # A changed kind first: it explains why that section's other fields appear or vanish.
+    for key in sorted(set(old) | set(new), key=lambda k: (not k.endswith(".kind"), k)):
         if key in RESUMABLE or key.split(".")[0] in RESUMABLE_SECTIONS:
             continue
         if old.get(key, "<absent>") != new.get(key, "<absent>"):

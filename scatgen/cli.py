@@ -37,6 +37,9 @@ def find_config(name: str) -> Path:
     path = Path(name)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ValueError(f"config file '{path}' is a directory; pass a YAML file such as configs/polygons.yaml "
+                         f"or a packaged config name such as polygons")
     packaged = packaged_configs()
     stem = path.name.removesuffix(".yaml").removesuffix(".yml")
     if stem in packaged and path.parent in (Path("."), Path("configs")):
@@ -52,6 +55,9 @@ def train(argv: list[str], usage: str = __doc__, use_command: str = "scatgen") -
     from scatgen.training import NonFiniteLossError, Trainer
     from scatgen.utils import describe_os_error
 
+    from scatgen.utils import one_line_warnings
+
+    one_line_warnings()
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2

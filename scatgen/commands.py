@@ -20,7 +20,7 @@ from scatgen.data import load_image
 from scatgen.evaluation import evaluate, load_split, markdown_table, reconstruction_metrics, write_report
 from scatgen.pictures import display_scale, enlarge, grid, rows_grid, save_gif, save_png, to_pil, to_unit
 from scatgen.prior import PRIOR_KINDS
-from scatgen.utils import atomic_path
+from scatgen.utils import atomic_path, one_line_warnings
 
 
 def out_dir(args) -> Path:
@@ -214,6 +214,7 @@ COMMANDS = {"sample": cmd_sample, "interpolate": cmd_interpolate, "reconstruct":
 
 def main(argv: list[str], prog: str | None = None, description: str | None = None) -> int:
     """Parse `COMMAND RUN [options]` and run it; returns the exit status (1 on a user error)."""
+    one_line_warnings()
     parser = argparse.ArgumentParser(prog=prog, description=description or __doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

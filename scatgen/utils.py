@@ -43,6 +43,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def one_line_warnings() -> None:
+    """Show warnings as `warning: message` lines: a command's user needs the message, not the
+    source line that raised it."""
+    import warnings
+
+    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
+
+
 def describe_os_error(e: OSError) -> str:
     """One line for a failed file operation: what, where, and what to do about it."""
     where = f" '{e.filename}'" if e.filename else ""

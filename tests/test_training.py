@@ -193,3 +193,51 @@ def test_train_script_on_a_presplit_folder(tmp_path):
             assert len(f.get_tensor("codes")) == n
         assert identity["split_mode"] == "folders" and identity["split_folder"] == split and identity["count"] == n
     assert load_bundle(tmp_path / "run")[2].data.split == "auto"
+
+
+def test_step_rate_flags_a_collapse_once_and_ignores_excluded_time(monkeypatch):
+    from scatgen.training import StepRate
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr("scatgen.training.time.time", lambda: clock["t"])
+    rate = StepRate(0)
+    step = 0
+    for seconds in (5.0, 1.0, 1.1):  # warm-up window, then 20 steps/s
+        step += 20
+        clock["t"] += seconds
+        rate.rate(step)
+        assert not rate.collapsed()
+    clock["t"] += 30.0  # an evaluation pause, excluded
+    rate.exclude(30.0)
+    step += 20
+    clock["t"] += 1.0
+    assert rate.rate(step) == pytest.approx(20.0) and not rate.collapsed()
+    step += 20
+    clock["t"] += 2.5  # 8 steps/s: slower, but within 3× of the best
+    rate.rate(step)
+    assert not rate.collapsed()
+    step += 20
+    clock["t"] += 10.0  # 2 steps/s: a collapse, flagged once
+    rate.rate(step)
+    assert rate.collapsed() and not rate.collapsed()
+
+
+@pytest.mark.slow
+def test_compiled_generator_matches_eager():
+    from scatgen.generators import build_generator, generator_config_class
+
+    cfg = generator_config_class("gsn")()
+    cfg.channels, cfg.min_channels = 16, 8
+    torch.manual_seed(0)
+    eager = build_generator(cfg, code_dim=16, image_size=8, J=1, L=4)
+    compiled = build_generator(cfg, code_dim=16, image_size=8, J=1, L=4)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile()
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints keep their keys
+    codes, targets = torch.randn(4, 16), torch.rand(4, 3, 8, 8) * 2 - 1
+    (a, loss_a), (b, loss_b) = eager(codes, targets, loss="l1"), compiled(codes, targets, loss="l1")
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    loss_a.backward()
+    loss_b.backward()
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
