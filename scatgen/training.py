@@ -569,6 +569,8 @@ class Trainer:
                     break
         finally:
             signal.signal(signal.SIGINT, previous_handler)
+            if t.max_minutes > 0 and not self._stop_requested:
+                bar.total = bar.n  # the budget ended the run: show it complete, not past an estimate
             bar.close()
         self._raise_if_nonfinite()
         self.save_checkpoint()
