@@ -50,6 +50,8 @@ def find_config(name: str) -> Path:
 
 def train(argv: list[str], usage: str = __doc__, use_command: str = "scatgen") -> int:
     """`train CONFIG [--section.field=value ...]`: train, write the bundle and pictures, say where."""
+    from safetensors import SafetensorError
+
     from scatgen.checkpoints import RunDirectoryInUse
     from scatgen.config import load_config, parse_overrides
     from scatgen.training import NonFiniteLossError, Trainer
@@ -77,6 +79,10 @@ def train(argv: list[str], usage: str = __doc__, use_command: str = "scatgen") -
         return 1
     except OSError as e:  # read-only or full disk, a path under a regular file, …
         print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
+    except SafetensorError as e:  # safetensors reports a failed write (a full disk) as its own error
+        print(f"error: could not write a weights file ({str(e).splitlines()[0]}); free some disk space or point "
+              f"run.out_dir at another disk, then continue with --run.resume=latest", file=sys.stderr)
         return 1
 
     if trainer.accelerator.is_main_process:

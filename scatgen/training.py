@@ -506,7 +506,7 @@ class Trainer:
         previous_handler = signal.signal(signal.SIGINT, self._request_stop)
         bar = progress_bar(total=self.total_steps, initial=self.step, disable=not self.progress, desc="training",
                            unit="step", dynamic_ncols=True)
-        start, paused, resumed_seconds = time.time(), 0.0, self.train_seconds
+        start, paused, resumed_seconds, first_step = time.time(), 0.0, self.train_seconds, self.step
         window = StepRate(self.step)
         metrics: dict[str, float] = {}
         self.model.train()
@@ -557,8 +557,10 @@ class Trainer:
                     if self.progress and window.collapsed():
                         warn_slowdown(window)
                     if t.max_minutes > 0:  # the bar's total follows whichever budget ends the run first
+                        # The rate since start, not the last window's: the estimate should not jump.
+                        mean_rate = (self.step - first_step) / max(self.train_seconds - resumed_seconds, 1e-9)
                         left = 60 * t.max_minutes - self.train_seconds
-                        bar.total = max(self.step, min(self.total_steps, int(self.step + left * steps_per_s)))
+                        bar.total = max(self.step, min(self.total_steps, int(self.step + left * mean_rate)))
                         bar.set_postfix(loss=f"{logs['train/loss']:.4f}",
                                         min=f"{self.train_seconds / 60:.1f}/{t.max_minutes:g}", refresh=False)
                     else:
