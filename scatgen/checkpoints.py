@@ -15,17 +15,12 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from scatgen.config import Config, config_to_dict
+from scatgen.config import Config, config_to_dict, flatten_keys
 from scatgen.integrity import CorruptFileError, verify_manifest
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; runs are then not protected against each other
-    fcntl = None
+from scatgen.utils import lock_file
 
 # What a resumed run may change: step budgets, cadences, the optimiser's step size, and the
 # stages after training. Everything else changes the model, its data or its codes.
@@ -94,11 +89,8 @@ class RunLock:
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a+")
-        if fcntl is None:
-            return
-        try:
-            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        # Where the platform has no flock (Windows) this always succeeds: runs are not protected there.
+        if not lock_file(self.file.fileno(), wait=False):
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
@@ -117,19 +109,9 @@ class RunLock:
             self.file = None
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
 def resume_conflicts(trained: dict, cfg: Config) -> list[str]:
     """The fields (as 'key: checkpoint value → new value') that a resume may not change."""
-    old, new = _flat(trained), _flat(config_to_dict(cfg))
+    old, new = flatten_keys(trained), flatten_keys(config_to_dict(cfg))
     conflicts = []
     # A changed kind first: it explains why that section's other fields appear or vanish.
     for key in sorted(set(old) | set(new), key=lambda k: (not k.endswith(".kind"), k)):

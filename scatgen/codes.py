@@ -30,14 +30,8 @@ from scatgen.config import Config
 from scatgen.data import build_dataset, collate_skip_none
 from scatgen.integrity import CorruptFileError, tensors_sha256
 from scatgen.scattering import Scattering
-from scatgen.utils import atomic_path, progress_bar
+from scatgen.utils import LOCKS_SUPPORTED, atomic_path, lock_file, progress_bar
 from scatgen.whitening import Whitening, fit_whitening
-
-try:
-    import fcntl
-except ImportError:  # Windows: stale spills are not detected
-    fcntl = None
-
 CACHE_VERSION = 2  # 2: entries carry a checksum
 
 
@@ -107,8 +101,7 @@ class CoeffSpill:
         remove_stale_spills(directory)
         fd, self.path = tempfile.mkstemp(prefix=".spill-", suffix=".f32", dir=directory)
         self.file = os.fdopen(fd, "w+b")
-        if fcntl is not None:  # marks the file as in use; see remove_stale_spills
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        lock_file(fd)  # marks the file as in use; see remove_stale_spills
         self.indices: list[torch.Tensor] = []
         self.complete = False
 
@@ -138,15 +131,16 @@ class CoeffSpill:
 def remove_stale_spills(directory: str | Path) -> None:
     """Delete spill files left by killed runs. A live run holds a lock on its spill file, and the
     kernel drops that lock when the process dies, so a spill we can lock is nobody's."""
-    if fcntl is None:
+    if not LOCKS_SUPPORTED:  # Windows: a live spill could not be told from a stale one
         return
     for path in Path(directory).glob(".spill-*.f32"):
         try:
             with open(path, "rb") as f:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if not lock_file(f.fileno(), wait=False):
+                    continue
                 size = path.stat().st_size
                 path.unlink()
-        except (BlockingIOError, FileNotFoundError):
+        except FileNotFoundError:
             continue
         warnings.warn(f"removed {path.name} ({size / 1e9:.2f} GB), a scattering spill left by a killed run")
 

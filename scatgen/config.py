@@ -232,14 +232,15 @@ def _apply(cfg: Config, flat: dict[str, Any]) -> None:
         setattr(obj, name, _convert(value, fields[name].type, key))
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_keys(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1e-3}} → {'train.lr': 1e-3}; a section that is not a mapping is a ValueError."""
     if not isinstance(tree, dict):
         raise ValueError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {tree!r}")
     flat: dict[str, Any] = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            flat.update(_flatten(v, key + "."))
+            flat.update(flatten_keys(v, key + "."))
         else:
             flat[key] = v
     return flat
@@ -276,7 +277,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not path.is_file():
             raise FileNotFoundError(f"config file '{path}' does not exist; see configs/ for examples")
         tree = read_yaml(path, "config file")
-        flat.update(_flatten(tree))
+        flat.update(flatten_keys(tree))
     flat.update(overrides or {})
     _apply(cfg, flat)
     validate(cfg)
@@ -300,7 +301,7 @@ def read_yaml(path: Path, what: str) -> Any:
 def config_from_dict(tree: dict) -> Config:
     """Rebuild a Config from `config_to_dict` output (e.g. from a bundle)."""
     cfg = Config()
-    flat = _flatten(tree)
+    flat = flatten_keys(tree)
     # Saved configs hold every field, so a missing data.split means one written before it existed,
     # when folders were always hashed; reading it as auto could move images between splits.
     if "data.name" in flat:

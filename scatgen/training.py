@@ -31,14 +31,14 @@ from scatgen.checkpoints import (RunLock, RunPaths, checkpoint_step, intact_chec
                                  resume_conflicts)
 from scatgen.codes import CodeSet, prepare_codes
 from scatgen.config import Config, read_yaml, save_config
-from scatgen.data import CachedImages, build_dataset, collate_skip_none
+from scatgen.data import CachedImages, build_dataset, cache_images, collate_skip_none
 from scatgen.generators import Generator, build_generator
 from scatgen.metrics import psnr
 from scatgen.pictures import display_scale, enlarge, grid, rows_grid, save_png, to_unit
+from scatgen.integrity import write_manifest
 from scatgen.pipeline import Pipeline, lerp
 from scatgen.prior import CodePrior, fit_prior
 from scatgen.refinement import refine_reconstructions
-from scatgen.integrity import CorruptFileError, write_manifest
 from scatgen.utils import atomic_path, progress_bar
 
 
@@ -234,9 +234,9 @@ class Trainer:
                 save_config(cfg, tmp)
 
         self.scattering, self.whitening, self.codesets = prepare_codes(cfg, self.accelerator.device, self.progress)
-        # Encoding built the image cache; from here on images come from it (data.cache_images).
-        self.train_images = build_dataset(cfg.data, "train", cfg.run.cache_dir, t.num_workers, self.progress)
-        self.test_images = build_dataset(cfg.data, "test", cfg.run.cache_dir, t.num_workers, self.progress)
+        if cfg.data.cache_images:  # encoding built the image cache; from here on images come from it
+            self.train_images, self.test_images = (cache_images(d, cfg.run.cache_dir, t.num_workers, self.progress)
+                                                   for d in (self.train_images, self.test_images))
         train_codes = self.codesets["train"].codes
         self.code_variances = train_codes.var(0)
         n_train = len(train_codes)
@@ -518,8 +518,9 @@ class Trainer:
                     metrics = self.evaluate()
                 if self.step % t.checkpoint_every == 0 and self.step > 0:
                     self.save_checkpoint()
-                paused += time.time() - pause
-                window.exclude(time.time() - pause)
+                pause = time.time() - pause
+                paused += pause
+                window.exclude(pause)
                 # Every image of this batch became unreadable since encoding: skip the step, on
                 # all ranks together so that their collectives stay in step.
                 if self._any_rank(batch is None):

@@ -14,6 +14,26 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks
+    fcntl = None
+
+LOCKS_SUPPORTED = fcntl is not None
+
+
+def lock_file(fd: int, wait: bool = True) -> bool:
+    """Take an exclusive advisory lock on an open file; the kernel drops it when the file is closed
+    or its process dies (even by SIGKILL). False only when `wait` is False and another open file
+    holds it; True, without locking, where the platform has no flock (see LOCKS_SUPPORTED)."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:

@@ -35,12 +35,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from scatgen.data.images import _normalize_index, to_tensor
-from scatgen.utils import atomic_path, progress_bar
-
-try:
-    import fcntl
-except ImportError:  # Windows: no build lock, so stale temporary folders are left (never read)
-    fcntl = None
+from scatgen.utils import LOCKS_SUPPORTED, atomic_path, lock_file, progress_bar
 
 __all__ = ["FORMAT_VERSION", "CachedImages", "cache_images"]
 
@@ -197,9 +192,8 @@ def _build_lock(path: Path) -> Iterator[bool]:
     """Hold an exclusive flock on `path` (created if needed); yields whether locking is available."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        if fcntl is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file closes
-        yield fcntl is not None
+        lock_file(f.fileno())  # released when the file closes; without flock (Windows) stale temp folders stay
+        yield LOCKS_SUPPORTED
 
 
 def _write_entry(dataset: Dataset, entry: Path, identity: dict, shape: tuple, num_workers: int,
