@@ -1,7 +1,9 @@
-"""Use a trained model: sample, interpolate, reconstruct, evaluate, fit-prior, atoms.
+"""Use a trained model: sample, interpolate, vary, reconstruct, evaluate, fit-prior, atoms.
 
     python sample.py sample runs/polygons --n 64 --seed 0 --prior flow --refine 100
-    python sample.py interpolate runs/polygons --a test:0 --b test:1 --steps 10 --spherical
+    python sample.py interpolate runs/polygons --a test:0 --b test:1 --steps 10   (through the prior)
+    python sample.py interpolate runs/polygons --a test:0 --b test:1 --path code --spherical
+    python sample.py vary runs/polygons --image test:3 --strength 0.5 --n 15
     python sample.py interpolate runs/polygons --a seed:1 --b seed:2 --prior normal --refine 0
     python sample.py reconstruct runs/polygons --split test --n 32
     python sample.py reconstruct runs/polygons --images a.png b.jpg    (or --folder DIR)

@@ -1,61 +1,158 @@
-"""Code priors and refinement on a trained run: fit every prior kind, then evaluate them all.
+"""Code priors against the perfect-prior ceiling, in one run, judged by the images they give.
 
-    python benchmarks/priors.py runs/polygons --num-fid 1000
-    python benchmarks/priors.py runs/polygons --num-fid 300 --kinds gmm flow --refine 25
+    python benchmarks/priors.py runs/polygons                      # N=500, the bundle's priors
+    python benchmarks/priors.py runs/polygons --fit flow latent_flow --n 200
+    python benchmarks/priors.py runs/polygons --fit latent_flow --set prior.latent=16 --set prior.fit_steps=8000
 
-Fits each prior in --kinds on the run's train codes (timed) and stores it in the run's bundle,
-then runs the evaluation protocol with every prior: FID, KID, precision and recall against the
-test split for G alone and refined, for samples and for test reconstructions, and the
-memorisation check. Writes RUN/evaluation.json and evaluation.md, and prints the table with
-the fit times and the machine.
+Rows, all on the first N test images and Inception pool features (k=3 for precision/recall):
+  ceiling          test codes decoded and refined towards all d components: what a perfect prior gives
+  recons refined   test reconstructions refined towards the full S_J x (the FID reference of the targets)
+  PRIOR, G / refined   N codes drawn from the prior, decoded by G alone and refined
+  PRIOR projection     (latent_flow) test codes through the prior's autoencoder, refined: its own ceiling
+  interpolation midpoints, path=prior and path=code, between test codes i and i + 1, refined
+Each sample row carries its precision as a ratio of the ceiling's, FID as a ratio of the refined
+reconstructions', and the memorisation check: the median pixel distance of samples to their
+nearest train image over that of the ceiling images (made the same way), and the share of
+samples closer to the train set than 99% of the ceiling images are (near-copies).
+
+--fit fits priors on the run's train codes (timed) and adds them to the bundle; without it the
+bundle's priors are measured. Prints the table with the machine; writes RUN/priors.json.
 """
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import scatgen  # noqa: E402
 from scatgen.bundle import add_prior, find_bundle  # noqa: E402
 from scatgen.codes import encode_split  # noqa: E402
-from scatgen.evaluation import cpu_or_gpu_name, evaluate, markdown_table, write_report  # noqa: E402
-from scatgen.prior import fit_prior  # noqa: E402
+from scatgen.config import with_overrides  # noqa: E402
+from scatgen.evaluation import _stack, cpu_or_gpu_name, load_split  # noqa: E402
+from scatgen.metrics import (compute_features, fid_from_features, load_inception, memorisation_report,  # noqa: E402
+                             precision_recall)
+from scatgen.pictures import to_unit  # noqa: E402
+from scatgen.prior import PRIOR_KINDS, fit_prior  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run")
-    parser.add_argument("--kinds", nargs="+", default=["gmm", "flow"], choices=["gmm", "flow"])
-    parser.add_argument("--num-fid", type=int, default=1000)
+    parser.add_argument("--n", type=int, default=500, help="test images, samples and midpoints per row")
+    parser.add_argument("--fit", nargs="*", default=[], choices=PRIOR_KINDS[1:], help="priors to fit first")
+    parser.add_argument("--set", action="append", default=[], help="prior config override, e.g. prior.latent=16")
+    parser.add_argument("--priors", nargs="*", help="priors to measure (default: every one in the bundle)")
+    parser.add_argument("--no-interpolation", action="store_true", help="skip the midpoint rows")
     parser.add_argument("--refine", type=int, default=None, help="refinement steps (default: the bundle's)")
+    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--inception", help="TorchScript FID Inception weights (default: the metrics extra's)")
-    parser.add_argument("--refit", action="store_true", help="refit priors the bundle already holds")
     args = parser.parse_args()
+    start = time.perf_counter()
 
     pipe = scatgen.load(args.run)
-    codes = encode_split(pipe.cfg, "train", pipe.scattering, pipe.whitening, pipe.device).codes
     fit_seconds = {}
-    for kind in args.kinds:
-        if kind in pipe.priors and not args.refit:
-            print(f"{kind}: kept the bundle's prior (--refit to fit it again)")
-            continue
+    if args.fit:
+        cfg = with_overrides(pipe.cfg, dict(s.split("=", 1) for s in args.set))
+        codes = encode_split(pipe.cfg, "train", pipe.scattering, pipe.whitening, pipe.device).codes
+        for kind in args.fit:
+            tic = time.perf_counter()
+            prior = fit_prior(codes, replace(cfg.prior, kind=kind), seed=pipe.cfg.run.seed, progress=True)
+            fit_seconds[kind] = time.perf_counter() - tic
+            add_prior(args.run, prior)
+        pipe = scatgen.load(args.run)
+    kinds = args.priors if args.priors is not None else [k for k in pipe.priors if k != "normal"] + ["normal"]
+
+    net = load_inception(args.inception)
+    real = _stack(load_split(pipe, "test"), 128)[:args.n]
+    n = len(real)
+    test_codes = pipe.encode(real)
+    train = _stack(load_split(pipe, "train", limit=5000, seed=0), 128)
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        return compute_features(net, to_unit(images), batch_size=64)
+
+    real_feats = features(real)
+    rows: list[dict] = []
+
+    def measure(name: str, images: torch.Tensor, seconds: float, ceiling: dict | None = None,
+                recons: dict | None = None, same_way: torch.Tensor | None = None) -> dict:
+        feats = features(images)
+        row = {"row": name, "n": len(images), "seconds": seconds, "fid": fid_from_features(real_feats, feats),
+               **precision_recall(real_feats, feats, k=3)}
+        if ceiling is not None:
+            row["precision_vs_ceiling"] = row["precision"] / max(ceiling["precision"], 1e-12)
+        if recons is not None:
+            row["fid_vs_recons"] = row["fid"] / recons["fid"]
+        if same_way is not None:
+            memo = memorisation_report(to_unit(images), to_unit(same_way), to_unit(train))
+            row["memorisation_ratio"] = memo["ratio_median"]
+            row["near_copies"] = memo["frac_possible_copies"]
+        rows.append(row)
+        print(format_row(row), flush=True)
+        return row
+
+    def timed(fn, *a, **kw):
         tic = time.perf_counter()
-        prior = fit_prior(codes, replace(pipe.cfg.prior, kind=kind), seed=pipe.cfg.run.seed, progress=True)
-        fit_seconds[kind] = time.perf_counter() - tic
-        add_prior(args.run, prior)
-    pipe = scatgen.load(args.run)
-    report = evaluate(pipe, num_fid=args.num_fid, inception=args.inception, refine=args.refine,
-                      priors=["normal", *args.kinds])
-    report["prior_fit_seconds"] = fit_seconds
-    write_report(report, find_bundle(args.run).parent)
-    print(f"machine: {cpu_or_gpu_name(pipe.device)}; {len(codes)} train codes, d={pipe.d}, "
-          f"prior.dims={pipe.cfg.prior.dims}")
-    for kind, seconds in fit_seconds.items():
-        print(f"fit {kind}: {seconds:.0f} s")
-    print(markdown_table(report))
+        out = fn(*a, **kw)
+        return out, time.perf_counter() - tic
+
+    ceiling_images, seconds = timed(pipe.decode, test_codes, refine=args.refine)
+    ceiling = measure("ceiling: test codes, refined", ceiling_images, seconds)
+    recons_images, seconds = timed(pipe.reconstruct, real, refine=args.refine)
+    recons = measure("test reconstructions, refined", recons_images, seconds, ceiling)
+    for kind in kinds:
+        prior = pipe.priors[kind]
+        codes, seconds = timed(pipe.random_codes, n, seed=args.seed, prior=kind)
+        raw, more = timed(pipe.decode, codes, refine=0)
+        measure(f"{kind}, G", raw, seconds + more, ceiling, recons, pipe.decode(test_codes, refine=0))
+        refined, more = timed(pipe.decode, codes, refine=args.refine, known=prior.modelled)
+        measure(f"{kind}, refined", refined, seconds + more, ceiling, recons, ceiling_images)
+        if hasattr(prior, "project"):
+            projected, seconds = timed(pipe.decode, prior.project(test_codes), refine=args.refine)
+            measure(f"{kind}, test codes through its autoencoder, refined", projected, seconds, ceiling, recons)
+    if not args.no_interpolation:
+        # Midpoints between test codes i and i + 1; the ends are the ceiling's images.
+        a, b = test_codes, test_codes.roll(-1, 0)
+        paths = ["code"] + (["prior"] if pipe.priors[pipe.default_prior].invertible else [])
+        for path in paths:
+            mids, seconds = timed(pipe.interpolate_codes, a, b, torch.tensor([0.5]), path=path)
+            images, more = timed(pipe.decode, mids[:, 0], refine=args.refine)
+            measure(f"interpolation midpoints, path={path} ({pipe.default_prior}), refined", images, seconds + more,
+                    ceiling, recons)
+
+    report = {"run": args.run, "n": n, "machine": cpu_or_gpu_name(pipe.device), "fit_seconds": fit_seconds,
+              "settings": {k: pipe.priors[k].settings() for k in kinds}, "rows": rows,
+              "refine_steps": pipe.refine_settings(args.refine).steps, "seconds": time.perf_counter() - start}
+    (find_bundle(args.run).parent / "priors.json").write_text(json.dumps(report, indent=2))
+    print(f"\nmachine: {report['machine']}; N={n}, Inception k=3; refine {report['refine_steps']} steps; "
+          f"fit seconds {json.dumps({k: round(v) for k, v in fit_seconds.items()})}; total {report['seconds']:.0f} s")
+    print(markdown(rows))
+
+
+def format_row(row: dict) -> str:
+    extra = ", ".join(f"{k} {row[k]:.3g}" for k in ("precision_vs_ceiling", "fid_vs_recons", "memorisation_ratio",
+                                                     "near_copies") if k in row)
+    return (f"{row['row']}: precision {row['precision']:.3f}, recall {row['recall']:.3f}, FID {row['fid']:.1f}"
+            f"{', ' + extra if extra else ''} ({row['seconds']:.0f} s)")
+
+
+def markdown(rows: list[dict]) -> str:
+    def cell(row: dict, key: str, fmt: str) -> str:
+        return format(row[key], fmt) if key in row else "–"
+
+    lines = ["| images | precision | × ceiling | recall | FID | × recons FID | memorisation ratio | near-copies | s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['row']} | {r['precision']:.3f} | {cell(r, 'precision_vs_ceiling', '.2f')} | "
+                     f"{r['recall']:.3f} | {r['fid']:.1f} | {cell(r, 'fid_vs_recons', '.2f')} | "
+                     f"{cell(r, 'memorisation_ratio', '.2f')} | {cell(r, 'near_copies', '.1%')} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

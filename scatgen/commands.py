@@ -1,5 +1,5 @@
-"""The commands that use a trained model, one function each: sample, interpolate, reconstruct,
-evaluate, fit-prior, atoms. `scatgen COMMAND RUN ...` and `python sample.py COMMAND RUN ...` both
+"""The commands that use a trained model, one function each: sample, interpolate, vary,
+reconstruct, evaluate, fit-prior, atoms. `scatgen COMMAND RUN ...` and `python sample.py COMMAND RUN ...` both
 run `main`; each passes its own help text of example commands.
 
 RUN is a run directory or its model/ bundle. Pictures go to RUN/samples/ unless --out says otherwise.
@@ -88,12 +88,27 @@ def cmd_interpolate(pipe, args) -> None:
     # A prior's draw is information only in the components the prior models.
     seeds = any(spec.startswith("seed:") for spec in (args.a, args.b))
     known = pipe.priors[args.prior or pipe.default_prior].modelled if seeds else None
-    path_images = pipe.interpolate(a, b, steps=args.steps, spherical=args.spherical, refine=args.refine, known=known)
+    path = args.path or pipe.default_path
+    path_images = pipe.interpolate(a, b, steps=args.steps, spherical=args.spherical, refine=args.refine, known=known,
+                                   path=path, prior=args.prior)
     out = out_dir(args)
-    stem = f"interpolation-{args.a}-{args.b}".replace(":", "").replace("/", "_")[:80]
+    stem = f"interpolation-{path}-{args.a}-{args.b}".replace(":", "").replace("/", "_")[:80]
     save_png(enlarge(grid(path_images, nrow=args.steps), display_scale(pipe.image_size)), out / f"{stem}.png")
     save_gif(path_images, out / f"{stem}.gif", scale=display_scale(pipe.image_size))
     print(f"wrote {out / stem}.png and .gif")
+
+
+def cmd_vary(pipe, args) -> None:
+    image = endpoint(pipe, args.image, args.data_root, args.prior)
+    code = pipe.encode(image[None])[0] if image.ndim == 3 else image
+    variations = pipe.vary(code, strength=args.strength, n=args.n, seed=args.seed, prior=args.prior,
+                           refine=args.refine)
+    original = pipe.decode(code[None], refine=args.refine)
+    stem = f"variations-{args.prior or pipe.default_prior}-s{args.strength:g}-seed{args.seed}-{args.image}"
+    stem = stem.replace(":", "").replace("/", "_")[:100]
+    picture = grid(torch.cat([original, variations]), nrow=args.nrow)
+    path = save_png(enlarge(picture, display_scale(pipe.image_size)), out_dir(args) / f"{stem}.png")
+    print(f"wrote {path} (first: the image's own decoding, then {args.n} variations)")
 
 
 def cmd_reconstruct(pipe, args) -> None:
@@ -208,7 +223,18 @@ def positive_float(text: str) -> float:
     return value
 
 
-COMMANDS = {"sample": cmd_sample, "interpolate": cmd_interpolate, "reconstruct": cmd_reconstruct,
+def unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got '{text}'") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] (0 = the image itself, 1 = a fresh "
+                                         f"sample), got {text}")
+    return value
+
+
+COMMANDS = {"sample": cmd_sample, "interpolate": cmd_interpolate, "vary": cmd_vary, "reconstruct": cmd_reconstruct,
             "evaluate": cmd_evaluate, "fit-prior": cmd_fit_prior, "atoms": cmd_atoms}
 
 
@@ -225,10 +251,10 @@ def main(argv: list[str], prog: str | None = None, description: str | None = Non
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--data-root", help="dataset root, if it moved since training")
-    for name in ("sample", "interpolate", "reconstruct", "evaluate"):
+    for name in ("sample", "interpolate", "vary", "reconstruct", "evaluate"):
         parsers[name].add_argument("--refine", type=count(0), help="refinement steps after G; 0 = off "
                                    "(default: the bundle's refine.steps)")
-    for name in ("sample", "interpolate"):
+    for name in ("sample", "interpolate", "vary"):
         parsers[name].add_argument("--prior", choices=PRIOR_KINDS, help="code prior (default: the bundle's)")
     parsers["sample"].add_argument("--n", type=count(1), default=64)
     parsers["sample"].add_argument("--temperature", type=positive_float, default=1.0)
@@ -237,7 +263,15 @@ def main(argv: list[str], prog: str | None = None, description: str | None = Non
     parsers["interpolate"].add_argument("--a", required=True, help="image path, train:I, test:I or seed:K")
     parsers["interpolate"].add_argument("--b", required=True, help="image path, train:I, test:I or seed:K")
     parsers["interpolate"].add_argument("--steps", type=count(2), default=10)
-    parsers["interpolate"].add_argument("--spherical", action="store_true")
+    parsers["interpolate"].add_argument("--spherical", action="store_true", help="with --path code: slerp")
+    parsers["interpolate"].add_argument("--path", choices=["prior", "code"],
+                                        help="prior: through the prior's noise; code: a straight line between "
+                                             "codes (default: prior when the bundle's prior is invertible)")
+    parsers["vary"].add_argument("--image", required=True, help="image path, train:I, test:I or seed:K")
+    parsers["vary"].add_argument("--strength", type=unit_interval, default=0.5,
+                                 help="0 = the image's own decoding, 1 = fresh samples")
+    parsers["vary"].add_argument("--n", type=count(1), default=15)
+    parsers["vary"].add_argument("--nrow", type=count(1), default=8)
     parsers["reconstruct"].add_argument("--images", nargs="+")
     parsers["reconstruct"].add_argument("--folder")
     parsers["reconstruct"].add_argument("--split", default="test", choices=["train", "test"])

@@ -80,7 +80,7 @@ class TrainConfig:
 
 @dataclass
 class PriorConfig:
-    kind: str = "flow"  # normal | gmm | flow: the code prior train.py fits and sampling uses by default
+    kind: str = "flow"  # normal | gmm | flow | latent_flow: the code prior train.py fits and sampling uses by default
     dims: int = 64  # gmm, flow: leading code components modelled, the rest drawn from N(0, I); 0 = all
     components: int = 10  # gmm: mixture components
     covariance: str = "full"  # gmm: full | diag
@@ -90,6 +90,8 @@ class PriorConfig:
     batch_size: int = 256  # flow: codes per step
     lr: float = 1e-3  # flow: AdamW learning rate, cosine-decayed
     sample_steps: int = 32  # flow: Heun steps from noise to code
+    latent: int = 32  # latent_flow: size of the autoencoder's latent that the flow models
+    autoencoder_steps: int = 3000  # latent_flow: optimizer steps of the autoencoder (the flow then takes fit_steps)
 
 
 @dataclass
@@ -138,7 +140,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.loss": ("l1", "l2"),
     "train.schedule": ("constant", "cosine", "linear"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
-    "prior.kind": ("normal", "gmm", "flow"),
+    "prior.kind": ("normal", "gmm", "flow", "latent_flow"),
     "prior.covariance": ("full", "diag"),
     "refine.optimizer": ("adam", "lbfgs"),
 }
@@ -284,6 +286,14 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return cfg
 
 
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """A validated copy of cfg with dotted overrides applied."""
+    cfg = config_from_dict(config_to_dict(cfg))
+    _apply(cfg, dict(overrides))
+    validate(cfg)
+    return cfg
+
+
 def read_yaml(path: Path, what: str) -> Any:
     """A YAML file's contents, or a one-line ValueError naming the file (unreadable, not UTF-8, not YAML)."""
     try:
@@ -364,8 +374,12 @@ def validate(cfg: Config) -> None:
         (t.max_steps > 0 or t.epochs > 0, "set train.max_steps > 0 or train.epochs > 0"),
         (min(t.eval_every, t.log_every, t.checkpoint_every, t.keep_checkpoints) > 0,
          "train.eval_every, log_every, checkpoint_every and keep_checkpoints must be > 0"),
-        (min(p.components, p.width, p.depth, p.fit_steps, p.batch_size, p.sample_steps) > 0,
-         "prior.components, width, depth, fit_steps, batch_size and sample_steps must be > 0"),
+        (min(p.components, p.width, p.depth, p.fit_steps, p.batch_size, p.sample_steps, p.latent,
+             p.autoencoder_steps) > 0,
+         "prior.components, width, depth, fit_steps, batch_size, sample_steps, latent and autoencoder_steps "
+         "must be > 0"),
+        (p.kind != "latent_flow" or p.latent < w.d,
+         f"prior.latent={p.latent} must be below whitening.d={w.d}: the latent compresses the codes"),
         (math.isfinite(p.lr) and p.lr > 0, f"prior.lr={p.lr} must be a finite number > 0"),
         (p.dims >= 0, f"prior.dims={p.dims} must be >= 0 (0, or more than whitening.d, models all components)"),
         (r.steps >= 0, f"refine.steps={r.steps} must be >= 0 (0 turns refinement off)"),

@@ -6,7 +6,8 @@ the generator and the refinement.
     recons = pipe.decode(codes, refine=0)    # (B, d) → (B, 3, N, N): G(z) alone
     recons = pipe.reconstruct(images)        # G(L S_J x), refined towards S_J x
     samples = pipe.sample(16, seed=0)        # codes from the bundle's prior, decoded and refined
-    path = pipe.interpolate(za, zb, steps=8) # (steps, 3, N, N)
+    path = pipe.interpolate(za, zb, steps=8) # (steps, 3, N, N), through the prior's noise
+    variations = pipe.vary(image, strength=0.5, n=8)
     pipe.save_pretrained("my-model")         # a bundle in the layout of huggingface_hub's ModelHubMixin
 
 `refine=None` means the bundle's refine.steps; 0 turns refinement off.
@@ -150,11 +151,7 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
 
     def random_codes(self, n: int, seed: int = 0, temperature: float = 1.0, prior: str | None = None) -> torch.Tensor:
         """n codes from a prior ('normal', or one the bundle holds; None = the default)."""
-        kind = self.default_prior if prior is None else prior
-        if kind not in self.priors:
-            raise ValueError(f"no '{kind}' prior in this bundle (it has {', '.join(self.priors)}); "
-                             f"fit one with `python sample.py fit-prior RUN --kind {kind}`")
-        return self.priors[kind].sample(n, seed=seed, temperature=temperature)
+        return self._prior(prior)[1].sample(n, seed=seed, temperature=temperature)
 
     def sample(self, n: int, seed: int = 0, temperature: float = 1.0, prior: str | None = None,
                refine: int | None = None) -> torch.Tensor:
@@ -172,16 +169,67 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
             return recons
         return refine_reconstructions(self.scattering, recons, images, cfg)
 
-    def interpolate(self, a: torch.Tensor, b: torch.Tensor, steps: int = 8, spherical: bool = False,
-                    refine: int | None = None, known: int | None = None) -> torch.Tensor:
-        """Decode `steps` codes from a to b (each (d,), or an image (3, N, N) to encode first);
-        `known` as in decode (the prior's modelled components when an end is a prior's draw)."""
-        if steps < 2:
-            raise ValueError(f"interpolation needs at least 2 steps, got {steps}")
-        a, b = (self.encode(v[None])[0] if v.ndim == 3 else v for v in (a, b))
-        t = torch.linspace(0, 1, steps)
-        return self.decode((slerp if spherical else lerp)(a.float(), b.float(), t), refine=refine, known=known)
+    def _prior(self, prior: str | None) -> tuple[str, CodePrior]:
+        kind = self.default_prior if prior is None else prior
+        if kind not in self.priors:
+            raise ValueError(f"no '{kind}' prior in this bundle (it has {', '.join(self.priors)}); "
+                             f"fit one with `python sample.py fit-prior RUN --kind {kind}`")
+        return kind, self.priors[kind]
 
+    @property
+    def default_path(self) -> str:
+        """'prior' when the default prior can carry codes to its noise and back, else 'code'."""
+        return "prior" if self.priors[self.default_prior].invertible and self.default_prior != "normal" else "code"
+
+    def interpolate_codes(self, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, path: str = "code",
+                          spherical: bool = False, prior: str | None = None) -> torch.Tensor:
+        """Codes along the paths from a to b ((n, d) each) at weights t (K,) → (n, K, d).
+
+        path='code' is the straight line in code space (slerp with `spherical`); path='prior'
+        carries both ends to the prior's noise, interpolates there (slerp: noise concentrates on a
+        sphere) and carries each point back; the ends' residuals (what the prior does not
+        reproduce of them) are blended linearly, so that t = 0 and t = 1 return a and b."""
+        if path not in ("code", "prior"):
+            raise ValueError(f"path must be 'code' (a straight line between codes) or 'prior' (through the "
+                             f"prior's noise), got {path!r}")
+        a, b, t = a.float(), b.float(), t.float()
+        if path == "code":
+            mix = slerp if spherical else lerp
+            return torch.stack([mix(u, v, t) for u, v in zip(a, b)])
+        _, code_prior = self._prior(prior)
+        (noise_a, rest_a), (noise_b, rest_b) = code_prior.to_noise(a), code_prior.to_noise(b)
+        noise = torch.stack([slerp(u, v, t) for u, v in zip(noise_a, noise_b)])  # (n, K, m)
+        rest = torch.stack([lerp(u, v, t) for u, v in zip(rest_a, rest_b)])  # (n, K, d)
+        codes = code_prior.from_noise(noise.flatten(0, 1)).reshape(len(a), len(t), -1)
+        return codes + rest
+
+    def interpolate(self, a: torch.Tensor, b: torch.Tensor, steps: int = 8, spherical: bool = False,
+                    refine: int | None = None, known: int | None = None, path: str | None = None,
+                    prior: str | None = None) -> torch.Tensor:
+        """Decode `steps` codes from a to b (each (d,), or an image (3, N, N) to encode first)
+        along `path` (see interpolate_codes; None: the default_path); `known` as in decode (the
+        prior's modelled components when an end is a prior's draw)."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+            raise ValueError(f"interpolation needs a whole number of steps >= 2, got {steps!r}")
+        a, b = (self.encode(v[None])[0] if v.ndim == 3 else v for v in (a, b))
+        codes = self.interpolate_codes(a[None], b[None], torch.linspace(0, 1, steps),
+                                       self.default_path if path is None else path, spherical, prior)[0]
+        return self.decode(codes, refine=refine, known=known)
+
+    def vary(self, image: torch.Tensor, strength: float = 0.5, n: int = 8, seed: int = 0,
+             prior: str | None = None, refine: int | None = None) -> torch.Tensor:
+        """n variations of an image (3, N, N), or of a code (d,): its code is carried part of the
+        way to the prior's noise (`strength` in [0, 1]) and back. strength 0 gives n copies of the
+        image's own decoding; 1 gives fresh samples. → (n, 3, N, N)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"the number of variations must be a whole number >= 1, got {n!r}")
+        _, code_prior = self._prior(prior)
+        code = self.encode(image[None])[0] if image.ndim == 3 else image
+        if code.shape != (self.d,):
+            raise ValueError(f"vary takes an image (3, {self.image_size}, {self.image_size}) or a code ({self.d},), "
+                             f"got {tuple(image.shape)}")
+        codes = code_prior.vary(code.float()[None].expand(n, -1), strength, seed)
+        return self.decode(codes, refine=refine)
 
     # -- hub-style bundles (huggingface_hub.ModelHubMixin) -------------------------------------------
 

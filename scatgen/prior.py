@@ -33,7 +33,7 @@ from torch import nn
 from scatgen.config import PriorConfig
 from scatgen.utils import atomic_path, progress_bar
 
-PRIOR_KINDS = ("normal", "gmm", "flow")
+PRIOR_KINDS = ("normal", "gmm", "flow", "latent_flow")
 
 
 class CodePrior(nn.Module):
@@ -67,11 +67,48 @@ class CodePrior(nn.Module):
         """n draws of the modelled components (n, modelled)."""
         raise NotImplementedError
 
+    invertible = False  # whether codes map to the prior's noise and back (to_noise, from_noise)
+
+    def to_noise(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """codes (n, d) → (noise (n, m), residual (n, d)) with from_noise(noise, residual) == codes.
+
+        The noise is where the prior's sampler would start to draw each code; the residual is
+        what of the code that draw leaves out (exactly 0 for a code the prior can draw)."""
+        self._require_inverse()
+        noise = self._to_noise(codes)
+        return noise, codes.float() - self._from_noise(noise)
+
+    def from_noise(self, noise: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The codes (n, d) that the prior draws from noise (n, m), plus the residual if given."""
+        self._require_inverse()
+        codes = self._from_noise(noise)
+        return codes if residual is None else codes + residual
+
+    def vary(self, codes: torch.Tensor, strength: float, seed: int = 0) -> torch.Tensor:
+        """Codes (n, d) that keep `1 − strength` of each code and redraw the rest from the prior."""
+        self._require_inverse()
+        strength = check_strength(strength)
+        generator = torch.Generator().manual_seed(seed)
+        keep = 1.0 - strength  # a mix that keeps N(0, I) codes N(0, I)
+        return keep * codes.float() + math.sqrt(1 - keep**2) * torch.randn(codes.shape, generator=generator)
+
+    def _require_inverse(self) -> None:
+        if not self.invertible:
+            raise ValueError(f"the '{self.kind}' prior has no inverse (codes cannot be carried to its noise); "
+                             f"use a flow, latent_flow or normal prior, or path='code'")
+
+    def _to_noise(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes.float().clone()
+
+    def _from_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        return noise.float().clone()
+
 
 class NormalPrior(CodePrior):
-    """z ~ N(0, T² I)."""
+    """z ~ N(0, T² I); its noise is the code itself."""
 
     kind = "normal"
+    invertible = True
 
     def _sample(self, n: int, generator: torch.Generator, temperature: float) -> torch.Tensor:
         return temperature * torch.randn(n, self.modelled, generator=generator)
@@ -159,82 +196,263 @@ def time_features(t: torch.Tensor, dim: int = 64) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-class VelocityField(nn.Module):
-    """v(z, t): (B, d), (B,) → (B, d); a residual MLP with the time features at its input."""
+class ResidualMLP(nn.Module):
+    """(B, inputs) → (B, outputs): a linear layer, `depth` pre-norm residual blocks, a normed head."""
 
-    def __init__(self, d: int, width: int, depth: int) -> None:
+    def __init__(self, inputs: int, width: int, outputs: int, depth: int) -> None:
         super().__init__()
-        self.inp = nn.Linear(d + 64, width)
+        self.inp = nn.Linear(inputs, width)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
             for _ in range(depth))
-        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, d))
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, outputs))
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        h = self.inp(torch.cat([z, time_features(t)], dim=1))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
         for block in self.blocks:
             h = h + block(h)
         return self.out(h)
 
 
+class VelocityField(ResidualMLP):
+    """v(y, t): (B, m), (B,) → (B, m), with the time features at the input."""
+
+    def __init__(self, d: int, width: int, depth: int) -> None:
+        super().__init__(d + 64, width, d, depth)
+
+    def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.cat([y, time_features(t)], dim=1))
+
+
+@torch.no_grad()
+def integrate(velocity: VelocityField, y: torch.Tensor, t0: float, t1: float, steps: int) -> torch.Tensor:
+    """Heun's method for dy/dt = v(y, t) from t0 to t1 (either way) in `steps` equal steps."""
+    dt = (t1 - t0) / steps
+    for i in range(steps):
+        t = torch.full((len(y),), t0 + i * dt, device=y.device)
+        v = velocity(y, t)
+        guess = y + dt * v
+        y = y + 0.5 * dt * (v + velocity(guess, t + dt))
+    return y
+
+
+@torch.no_grad()
+def invert(velocity: VelocityField, y: torch.Tensor, t0: float, t1: float, steps: int,
+           tolerance: float = 1e-6, iterations: int = 50) -> torch.Tensor:
+    """The y0 with integrate(velocity, y0, t0, t1, steps) == y: each Heun step undone by a
+    fixed-point iteration, so that the inverse is that of the discrete sampler, not of the ODE."""
+    dt = (t1 - t0) / steps
+    for i in reversed(range(steps)):
+        t = torch.full((len(y),), t0 + i * dt, device=y.device)
+        target, guess = y, y - dt * velocity(y, t + dt)
+        for _ in range(iterations):
+            v = velocity(guess, t)
+            update = target - 0.5 * dt * (v + velocity(guess + dt * v, t + dt))
+            change = (update - guess).norm(dim=1).max() / target.norm(dim=1).max().clamp_min(1e-12)
+            guess = update
+            if change < tolerance:
+                break
+        y = guess
+    return y
+
+
 class FlowPrior(CodePrior):
-    """Codes from noise by integrating a learned velocity field from t = 0 to 1."""
+    """Codes from noise by integrating a learned velocity field from t = 0 (noise) to 1 (data).
+
+    The flow acts on a state y (n, m) that stands for the codes: here the `dims` leading
+    components. An ODE is invertible, so a code maps to its noise and back (`to_noise`,
+    `from_noise`), which interpolation and variations use."""
 
     kind = "flow"
+    invertible = True
 
     def __init__(self, d: int, width: int = 512, depth: int = 3, sample_steps: int = 32, dims: int = 0) -> None:
         super().__init__(d, dims)
         self.width, self.depth, self.sample_steps = width, depth, sample_steps
-        self.velocity = VelocityField(self.modelled, width, depth)
+        self.velocity = VelocityField(self.state_dims, width, depth)
+
+    @property
+    def state_dims(self) -> int:
+        return self.modelled
 
     def settings(self) -> dict[str, Any]:
         return {"d": self.d, "dims": self.modelled, "width": self.width, "depth": self.depth,
                 "sample_steps": self.sample_steps}
 
+    def codes_to_state(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes[:, :self.modelled]
+
+    def state_to_codes(self, state: torch.Tensor) -> torch.Tensor:
+        """Codes (n, d) for states (n, m); components the flow does not model are 0."""
+        return torch.cat([state, state.new_zeros(len(state), self.d - self.modelled)], dim=1)
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
     def _sample(self, n: int, generator: torch.Generator, temperature: float) -> torch.Tensor:
-        device = next(self.parameters()).device
-        z = (temperature * torch.randn(n, self.modelled, generator=generator)).to(device)
-        self.velocity.eval()
-        dt = 1.0 / self.sample_steps
-        for i in range(self.sample_steps):
-            t = torch.full((n,), i * dt, device=device)
-            v = self.velocity(z, t)
-            guess = z + dt * v
-            z = z + 0.5 * dt * (v + self.velocity(guess, t + dt))
-        return z.cpu()
+        noise = temperature * torch.randn(n, self.state_dims, generator=generator)
+        return self._from_noise(noise)[:, :self.modelled]
+
+    @torch.no_grad()
+    def _from_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        self.eval()
+        state = integrate(self.velocity, noise.float().to(self._device()), 0.0, 1.0, self.sample_steps)
+        return self.state_to_codes(state).cpu()
+
+    @torch.no_grad()
+    def _to_noise(self, codes: torch.Tensor) -> torch.Tensor:
+        self.eval()
+        state = self.codes_to_state(codes.float().to(self._device()))
+        return invert(self.velocity, state, 0.0, 1.0, self.sample_steps).cpu()
+
+    @torch.no_grad()
+    def vary(self, codes: torch.Tensor, strength: float, seed: int = 0) -> torch.Tensor:
+        """Variations of codes (n, d): each state is mixed with fresh noise to the flow's time
+        t = 1 − strength, y_t = t y + (1 − t) ε, and integrated back to t = 1. strength 0 returns
+        the codes; 1 is a fresh sample. What the flow does not reproduce of a code (its
+        residual) is kept in proportion 1 − strength."""
+        strength = check_strength(strength)
+        self.eval()
+        codes = codes.float()
+        state = self.codes_to_state(codes.to(self._device()))
+        residual = codes - self.state_to_codes(state).cpu()
+        t = 1.0 - strength
+        if strength == 0:
+            return codes.clone()
+        noise = torch.randn(state.shape, generator=torch.Generator().manual_seed(seed)).to(state.device)
+        steps = max(1, math.ceil(self.sample_steps * strength))
+        varied = integrate(self.velocity, t * state + (1 - t) * noise, t, 1.0, steps)
+        return self.state_to_codes(varied).cpu() + t * residual
+
+
+class LatentFlowPrior(FlowPrior):
+    """A two-stage prior: an autoencoder compresses the codes (n, d) to latents (n, k), and a
+    flow models the standardised latents. Samples are decoded latents: every component of a
+    sampled code is a function of the k latent ones, so it lies near the surface the codes
+    span instead of filling the other d − k directions with independent noise."""
+
+    kind = "latent_flow"
+
+    def __init__(self, d: int, latent: int = 32, width: int = 512, depth: int = 3, sample_steps: int = 32) -> None:
+        self.latent = latent
+        super().__init__(d, width, depth, sample_steps, dims=0)
+        self.encoder = ResidualMLP(d, width, latent, depth)
+        self.decoder = ResidualMLP(latent, width, d, depth)
+        self.register_buffer("latent_mean", torch.zeros(latent))
+        self.register_buffer("latent_std", torch.ones(latent))
+
+    @property
+    def state_dims(self) -> int:
+        return self.latent
+
+    def settings(self) -> dict[str, Any]:
+        return {"d": self.d, "latent": self.latent, "width": self.width, "depth": self.depth,
+                "sample_steps": self.sample_steps}
+
+    def codes_to_state(self, codes: torch.Tensor) -> torch.Tensor:
+        return (self.encoder(codes) - self.latent_mean) / self.latent_std
+
+    def state_to_codes(self, state: torch.Tensor) -> torch.Tensor:
+        return self.decoder(state * self.latent_std + self.latent_mean)
+
+    @torch.no_grad()
+    def project(self, codes: torch.Tensor) -> torch.Tensor:
+        """The autoencoder's reconstruction of codes (n, d): how well the prior's surface fits them."""
+        self.eval()
+        return self.state_to_codes(self.codes_to_state(codes.float().to(self._device()))).cpu()
+
+
+def check_strength(strength: float) -> float:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+        raise ValueError(f"variation strength must be a number in [0, 1] (0 = the image itself, "
+                         f"1 = a fresh sample), got {strength!r}")
+    return float(strength)
+
+
+def train_velocity(velocity: VelocityField, data: torch.Tensor, cfg: PriorConfig, generator: torch.Generator,
+                   device: torch.device | str, progress: bool, desc: str) -> None:
+    """Conditional flow matching: regress v(y_t, t) on y − ε along y_t = (1 − t) ε + t y, for
+    rows y of data (n, m)."""
+    n = len(data)
+    opt = torch.optim.AdamW(velocity.parameters(), lr=cfg.lr, weight_decay=0.0)
+    schedule = cosine_schedule(opt, cfg.fit_steps)
+    velocity.train()
+    for _ in progress_bar(range(cfg.fit_steps), desc=desc, disable=not progress, leave=False):
+        y1 = data[torch.randint(n, (min(cfg.batch_size, n),), generator=generator)]
+        y0 = torch.randn(y1.shape, generator=generator)
+        t = torch.rand(len(y1), generator=generator)
+        yt = (1 - t[:, None]) * y0 + t[:, None] * y1
+        loss = (velocity(yt.to(device), t.to(device)) - (y1 - y0).to(device)).square().mean()
+        step(opt, schedule, loss, cfg.lr)
+    velocity.eval()
+
+
+def cosine_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """100 steps of linear warm-up, then a cosine decay to 0 at `steps`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
+def step(opt: torch.optim.Optimizer, schedule, loss: torch.Tensor, lr: float) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the prior's loss became {loss.item()}; lower prior.lr (now {lr})")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    schedule.step()
 
 
 def fit_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device: torch.device | str = "cpu",
              progress: bool = False) -> FlowPrior:
-    """Conditional flow matching on the cfg.dims leading components of codes (n, d): regress
-    v(z_t, t) on z − ε along z_t = (1 − t) ε + t z."""
+    """Flow matching on the cfg.dims leading components of codes (n, d)."""
     n, d = codes.shape
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         prior = FlowPrior(d, cfg.width, cfg.depth, cfg.sample_steps, min(cfg.dims, d)).to(device)
-    codes = codes[:, :prior.modelled]
-    opt = torch.optim.AdamW(prior.velocity.parameters(), lr=cfg.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / cfg.fit_steps)))
+    train_velocity(prior.velocity, prior.codes_to_state(codes.float()), cfg, generator, device, progress,
+                   "fitting flow prior")
+    return prior.cpu().eval()
+
+
+# Latent noise while the autoencoder trains, in units of the latent's own spread: the decoder must
+# map a neighbourhood of each latent to nearby codes, so that the flow's imperfect latents still
+# decode onto the code surface.
+LATENT_NOISE = 0.1
+
+
+def fit_latent_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device: torch.device | str = "cpu",
+                    progress: bool = False) -> LatentFlowPrior:
+    """Two stages on codes (n, d): an autoencoder d → cfg.latent → d (cfg.autoencoder_steps of
+    Adam on the squared error, with noise on the latents), then flow matching on its standardised
+    latents (cfg.fit_steps)."""
+    n, d = codes.shape
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        prior = LatentFlowPrior(d, cfg.latent, cfg.width, cfg.depth, cfg.sample_steps).to(device)
     codes = codes.float()
-    prior.velocity.train()
-    bar = progress_bar(range(cfg.fit_steps), desc="fitting flow prior", disable=not progress, leave=False)
-    for _ in bar:
-        idx = torch.randint(n, (min(cfg.batch_size, n),), generator=generator)
-        z1 = codes[idx]
-        z0 = torch.randn(z1.shape, generator=generator)
-        t = torch.rand(len(z1), generator=generator)
-        zt = (1 - t[:, None]) * z0 + t[:, None] * z1
-        loss = (prior.velocity(zt.to(device), t.to(device)) - (z1 - z0).to(device)).square().mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the flow prior's loss became {loss.item()}; lower prior.lr (now {cfg.lr})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
-    prior.velocity.eval()
-    return prior.cpu()
+    parameters = [*prior.encoder.parameters(), *prior.decoder.parameters()]
+    opt = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=0.0)
+    schedule = cosine_schedule(opt, cfg.autoencoder_steps)
+    prior.train()
+    for _ in progress_bar(range(cfg.autoencoder_steps), desc="fitting the prior's autoencoder",
+                          disable=not progress, leave=False):
+        z = codes[torch.randint(n, (min(cfg.batch_size, n),), generator=generator)].to(device)
+        latent = prior.encoder(z)
+        # The spread is measured on the batch and held constant: the encoder cannot escape the
+        # noise by growing its latents.
+        spread = latent.detach().std(0, keepdim=True).clamp_min(1e-6)
+        noisy = latent + LATENT_NOISE * spread * torch.randn(latent.shape, generator=generator).to(device)
+        step(opt, schedule, (prior.decoder(noisy) - z).square().mean(), cfg.lr)
+    prior.eval()
+    with torch.no_grad():
+        latents = torch.cat([prior.encoder(chunk.to(device)) for chunk in codes.split(4096)])
+        prior.latent_mean.copy_(latents.mean(0))
+        prior.latent_std.copy_(latents.std(0).clamp_min(1e-6))
+        state = ((latents - prior.latent_mean) / prior.latent_std).cpu()
+    train_velocity(prior.velocity, state, cfg, generator, device, progress, "fitting the prior's flow")
+    return prior.cpu().eval()
 
 
 def fit_prior(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device: torch.device | str = "cpu",
@@ -249,6 +467,8 @@ def fit_prior(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device: torc
                        dims=min(cfg.dims, codes.shape[1]))
     if cfg.kind == "flow":
         return fit_flow(codes, cfg, seed=seed, device=device, progress=progress)
+    if cfg.kind == "latent_flow":
+        return fit_latent_flow(codes, cfg, seed=seed, device=device, progress=progress)
     raise ValueError(f"unknown prior kind {cfg.kind!r}; expected one of {', '.join(PRIOR_KINDS)}")
 
 
@@ -272,7 +492,8 @@ def load_prior(path: str | Path) -> CodePrior:
             meta = json.loads((f.metadata() or {})["scatgen_prior"])
             tensors = {k: f.get_tensor(k) for k in f.keys() if k != "_empty"}
         kind, settings = meta["kind"], meta["settings"]
-        cls = {"normal": NormalPrior, "gmm": GaussianMixturePrior, "flow": FlowPrior}[kind]
+        cls = {"normal": NormalPrior, "gmm": GaussianMixturePrior, "flow": FlowPrior,
+               "latent_flow": LatentFlowPrior}[kind]
         prior = cls(**settings)
         prior.load_state_dict(tensors)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as e:

@@ -5,7 +5,7 @@ Run directory:
     checkpoints/step-N/     accelerate state, for --run.resume
     logs/                   TensorBoard
     model/                  the bundle, for sample.py and scatgen.load
-    images/                 reconstructions.png, samples.png, interpolation.png
+    images/                 reconstructions.png, samples.png, interpolation.png, variations.png
     metrics.json            final test PSNR and run figures
 """
 
@@ -36,7 +36,7 @@ from scatgen.generators import Generator, build_generator
 from scatgen.metrics import psnr
 from scatgen.pictures import display_scale, enlarge, grid, rows_grid, save_png, to_unit
 from scatgen.integrity import write_manifest
-from scatgen.pipeline import Pipeline, lerp
+from scatgen.pipeline import Pipeline
 from scatgen.prior import CodePrior, fit_prior
 from scatgen.refinement import refine_reconstructions
 from scatgen.utils import atomic_path, progress_bar
@@ -435,7 +435,8 @@ class Trainer:
     def save_pictures(self, priors: dict[str, CodePrior]) -> None:
         """The pictures a user looks at first, enlarged ×4 below 64²: reconstructions (rows of
         originals, G, refined), samples from the default prior, samples of every prior raw and
-        refined, and interpolations between test codes."""
+        refined, interpolations between test codes (through the prior where it is invertible)
+        and variations of test images."""
         generator = self.accelerator.unwrap_model(self.model)
         pipe = Pipeline(generator, self.whitening, self.cfg, scattering=self.scattering,
                         device=self.accelerator.device, priors=priors)
@@ -455,9 +456,15 @@ class Trainer:
             by_prior += [pipe.sample(8, seed=seed, prior=kind, refine=0)]
             by_prior += [pipe.sample(8, seed=seed, prior=kind)] if refining else []
         save_png(enlarge(grid(torch.cat(by_prior)), factor), self.paths.images / "samples-by-prior.png")
-        steps = torch.linspace(0, 1, 10)
-        path = torch.cat([lerp(codes[2 * i], codes[2 * i + 1], steps) for i in range(min(4, len(codes) // 2))])
-        save_png(enlarge(grid(pipe.decode(path), nrow=10), factor), self.paths.images / "interpolation.png")
+        pairs = min(4, len(codes) // 2)
+        path = pipe.interpolate_codes(codes[0:2 * pairs:2], codes[1:2 * pairs:2], torch.linspace(0, 1, 10),
+                                      path=pipe.default_path)
+        save_png(enlarge(grid(pipe.decode(path.flatten(0, 1)), nrow=10), factor), self.paths.images / "interpolation.png")
+        if pipe.priors[pipe.default_prior].invertible:
+            # Rows: a test image's decoding, then its variations at strength 0.5.
+            rows = [torch.cat([pipe.decode(code[None]), pipe.vary(code, 0.5, n=9, seed=self.cfg.run.seed)])
+                    for code in codes[:4]]
+            save_png(enlarge(grid(torch.cat(rows), nrow=10), factor), self.paths.images / "variations.png")
         generator.train()
 
     # -- the loop ----------------------------------------------------------------------------------
