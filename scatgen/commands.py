@@ -88,7 +88,7 @@ def cmd_interpolate(pipe, args) -> None:
     # A prior's draw is information only in the components the prior models.
     seeds = any(spec.startswith("seed:") for spec in (args.a, args.b))
     known = pipe.priors[args.prior or pipe.default_prior].modelled if seeds else None
-    path = args.path or pipe.default_path
+    path = args.path or ("code" if args.spherical else pipe.default_path)
     path_images = pipe.interpolate(a, b, steps=args.steps, spherical=args.spherical, refine=args.refine, known=known,
                                    path=path, prior=args.prior)
     out = out_dir(args)

@@ -207,13 +207,16 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
                     refine: int | None = None, known: int | None = None, path: str | None = None,
                     prior: str | None = None) -> torch.Tensor:
         """Decode `steps` codes from a to b (each (d,), or an image (3, N, N) to encode first)
-        along `path` (see interpolate_codes; None: the default_path); `known` as in decode (the
-        prior's modelled components when an end is a prior's draw)."""
+        along `path` (see interpolate_codes; None: the default_path, or 'code' with `spherical`);
+        `known` as in decode (the prior's modelled components when an end is a prior's draw)."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
             raise ValueError(f"interpolation needs a whole number of steps >= 2, got {steps!r}")
+        if path is None:
+            path = "code" if spherical else self.default_path
+        if spherical and path != "code":
+            raise ValueError("spherical=True is a path between codes: use it with path='code'")
         a, b = (self.encode(v[None])[0] if v.ndim == 3 else v for v in (a, b))
-        codes = self.interpolate_codes(a[None], b[None], torch.linspace(0, 1, steps),
-                                       self.default_path if path is None else path, spherical, prior)[0]
+        codes = self.interpolate_codes(a[None], b[None], torch.linspace(0, 1, steps), path, spherical, prior)[0]
         return self.decode(codes, refine=refine, known=known)
 
     def vary(self, image: torch.Tensor, strength: float = 0.5, n: int = 8, seed: int = 0,

@@ -5,7 +5,7 @@ import scatgen
 from scatgen.bundle import load_bundle, save_bundle
 from scatgen.config import PriorConfig
 from scatgen.pipeline import Pipeline
-from scatgen.prior import FlowPrior, fit_gmm, fit_prior, load_prior, save_prior
+from scatgen.prior import FlowPrior, LatentFlowPrior, fit_gmm, fit_prior, integrate, load_prior, save_prior
 
 
 def two_clusters(n=2000, d=3, seed=0):
@@ -35,9 +35,10 @@ def test_flow_prior_learns_a_shifted_scaled_gaussian():
     torch.testing.assert_close(samples.std(0), torch.full((4,), 0.5), atol=0.15, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["gmm", "flow"])
+@pytest.mark.parametrize("kind", ["gmm", "flow", "latent_flow"])
 def test_prior_save_load_roundtrip_and_seeding(tmp_path, kind):
-    cfg = PriorConfig(kind=kind, components=2, width=32, depth=1, fit_steps=20, sample_steps=4)
+    cfg = PriorConfig(kind=kind, components=2, width=32, depth=1, fit_steps=20, sample_steps=4, latent=2,
+                      autoencoder_steps=20)
     prior = fit_prior(two_clusters(n=300), cfg, seed=0)
     path = save_prior(prior, tmp_path / f"{kind}.safetensors")
     loaded = load_prior(path)
@@ -87,3 +88,93 @@ def test_prior_of_another_code_size_is_refused(run_dir):
     generator, whitening, cfg = load_bundle(run_dir)
     with pytest.raises(ValueError, match="d=5.*refit"):
         Pipeline(generator, whitening, cfg, priors={"flow": FlowPrior(d=5, width=8, depth=1)})
+
+
+def curved_codes(n=3000, seed=0):
+    """Codes on a curved 2-d surface in 12 dimensions, standardised like whitened codes."""
+    g = torch.Generator().manual_seed(seed)
+    u = 6 * torch.rand(n, 2, generator=g) - 3
+    codes = torch.cat([u, torch.sin(u)], 1) @ torch.randn(4, 12, generator=g)
+    return (codes - codes.mean(0)) / codes.std(0)
+
+
+@pytest.fixture(scope="module")
+def fitted_flows():
+    codes = curved_codes()
+    common = dict(width=64, depth=2, fit_steps=600, lr=3e-3, sample_steps=16, latent=4, autoencoder_steps=600)
+    return codes, {kind: fit_prior(codes, PriorConfig(kind=kind, **common), seed=0) for kind in ("flow", "latent_flow")}
+
+
+def test_latent_flow_samples_lie_nearer_the_code_surface_than_noise(fitted_flows):
+    codes, priors = fitted_flows
+    data_nn = torch.cdist(codes[:500], codes[500:]).min(1).values.median()
+    samples_nn = torch.cdist(priors["latent_flow"].sample(500, seed=1), codes).min(1).values.median()
+    noise_nn = torch.cdist(torch.randn(500, 12, generator=torch.Generator().manual_seed(1)), codes).min(1).values.median()
+    assert samples_nn < 0.5 * noise_nn, (samples_nn, noise_nn, data_nn)
+
+
+@pytest.mark.parametrize("kind", ["flow", "latent_flow"])
+def test_codes_map_to_noise_and_back(fitted_flows, kind):
+    codes, priors = fitted_flows
+    prior = priors[kind]
+    noise, residual = prior.to_noise(codes[:64])
+    back = prior.from_noise(noise, residual)
+    assert ((back - codes[:64]).norm(dim=1) / codes[:64].norm(dim=1)).max() <= 1e-3
+    # The noise is the discrete sampler's own start: from it, the sampler's ODE returns the state.
+    state = prior.codes_to_state(codes[:64])
+    again = integrate(prior.velocity, noise, 0.0, 1.0, prior.sample_steps)
+    assert ((again - state).norm(dim=1) / state.norm(dim=1)).max() <= 1e-3
+
+
+def test_a_flow_prior_draw_has_no_residual(fitted_flows):
+    _, priors = fitted_flows
+    drawn = priors["flow"].sample(32, seed=5)
+    noise, residual = priors["flow"].to_noise(drawn)
+    assert (residual.norm(dim=1) / drawn.norm(dim=1)).max() <= 1e-3
+    start = torch.randn(32, 12, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(noise, start, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["flow", "latent_flow"])
+def test_variation_strength_moves_codes_gradually(fitted_flows, kind):
+    codes, priors = fitted_flows
+    prior = priors[kind]
+    assert torch.equal(prior.vary(codes[:16], 0.0, seed=1), codes[:16])
+    distance = {s: (prior.vary(codes[:16], s, seed=1) - codes[:16]).norm(dim=1).median() for s in (0.1, 1.0)}
+    assert 0 < distance[0.1] < distance[1.0]
+    with pytest.raises(ValueError, match=r"strength must be a number in \[0, 1\]"):
+        prior.vary(codes[:2], -0.5)
+
+
+def test_gmm_has_no_inverse():
+    prior = fit_gmm(two_clusters(n=200), components=2)
+    with pytest.raises(ValueError, match="'gmm' prior has no inverse.*path='code'"):
+        prior.to_noise(two_clusters(n=4))
+    with pytest.raises(ValueError, match="has no inverse"):
+        prior.vary(two_clusters(n=4), 0.5)
+
+
+def test_pipeline_vary_and_interpolate_through_the_prior(run_dir):
+    pipe = scatgen.load(run_dir)
+    code = pipe.encode(pipe_test_images(pipe, 2))
+    # strength 0: the image's own decoding, refined like it.
+    torch.testing.assert_close(pipe.vary(code[0], 0.0, n=2), pipe.decode(code[:1]).expand(2, -1, -1, -1))
+    assert pipe.vary(code[0], 0.7, n=3, seed=1, refine=0).shape == (3, 3, 32, 32)
+    ends = pipe.interpolate_codes(code[:1], code[1:], torch.tensor([0.0, 0.5, 1.0]), path="prior")[0]
+    torch.testing.assert_close(ends[[0, 2]], code, atol=1e-4, rtol=1e-4)
+    assert pipe.default_path == "prior"
+    strip = pipe.interpolate(code[0], code[1], steps=4, refine=0)
+    assert strip.shape == (4, 3, 32, 32)
+    with pytest.raises(ValueError, match="path must be 'code'.*or 'prior'.*got 'noise'"):
+        pipe.interpolate(code[0], code[1], path="noise")
+    with pytest.raises(ValueError, match="strength"):
+        pipe.vary(code[0], -1.0)
+    with pytest.raises(ValueError, match="number of variations"):
+        pipe.vary(code[0], 0.5, n=0)
+
+
+def pipe_test_images(pipe, n):
+    from scatgen.evaluation import load_split
+
+    dataset = load_split(pipe, "test")
+    return torch.stack([dataset[i] for i in range(n)])
