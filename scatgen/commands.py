@@ -65,7 +65,7 @@ def check_outputs(args) -> None:
     if args.command == "fit-prior":
         from scatgen.bundle import find_bundle
 
-        writable(find_bundle(args.run), "a writable copy of the bundle (copy RUN elsewhere)")
+        writable(find_bundle(args.run), "bundle folder: copy the bundle somewhere writable and pass that")
     else:
         writable(out_dir(args), "--out")
     if args.command == "evaluate" and args.inception and not Path(args.inception).is_file():

@@ -93,7 +93,10 @@ def writable_folder(path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)  # a file in the way is a FileExistsError (EEXIST)
     # os.access is not enough: it says yes to root on a read-only mount, and to ACL-denied users.
-    fd, probe = tempfile.mkstemp(prefix=".tmp-write-test-", dir=path)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tmp-write-test-", dir=path)
+    except OSError as e:  # name the folder, not the probe file
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     os.close(fd)
     os.unlink(probe)
     return path
