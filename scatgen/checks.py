@@ -43,7 +43,8 @@ def check_images(images: Any, image_size: int) -> torch.Tensor:
     n = image_size
     images = _tensor(images, "images", f"of shape (B, 3, {n}, {n}) in [-1, 1]")
     if images.ndim != 4 or tuple(images.shape[1:]) != (3, n, n):
-        raise ValueError(f"expected images of shape (B, 3, {n}, {n}), got {tuple(images.shape)}")
+        hint = "; add the batch dimension with images[None]" if tuple(images.shape) == (3, n, n) else ""
+        raise ValueError(f"expected images of shape (B, 3, {n}, {n}), got {tuple(images.shape)}{hint}")
     if images.dtype == torch.uint8:
         return images.float() / 127.5 - 1
     if not images.is_floating_point() or images.is_complex():

@@ -10,6 +10,7 @@ writability before any work, and a failed file operation is one line naming the 
 import argparse
 import json
 import math
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -350,7 +351,8 @@ def main(argv: list[str], prog: str | None = None, description: str | None = Non
     parsers["reconstruct"].add_argument("--images", nargs="+")
     parsers["reconstruct"].add_argument("--folder")
     parsers["reconstruct"].add_argument("--split", default="test", choices=["train", "test"])
-    parsers["reconstruct"].add_argument("--n", type=count(1), default=32)
+    parsers["reconstruct"].add_argument("--n", type=count(1, 1024, "all are held for the picture; evaluate scores a "
+                                                       "whole split"), default=32)
     parsers["reconstruct"].add_argument("--nrow", type=count(1), default=8)
     parsers["evaluate"].add_argument("--inception", help="TorchScript FID Inception weights")
     parsers["evaluate"].add_argument("--num-fid", type=count(4), default=1000, help="N for FID/KID")
@@ -363,6 +365,10 @@ def main(argv: list[str], prog: str | None = None, description: str | None = Non
     if args.command == "sample" and args.n > GRID_MAX and not args.individual:
         parsers["sample"].error(f"--n {args.n}: the grid shows at most {GRID_MAX} samples; pass --individual to "
                                 f"write every sample as its own PNG, or lower --n")
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)  # `timeout`, `docker stop`: as Ctrl-C
     try:
         check_outputs(args)
         pipe = scatgen.load(args.run, device=args.device)
@@ -377,8 +383,12 @@ def main(argv: list[str], prog: str | None = None, description: str | None = Non
     except OSError as e:  # a disk that filled up or went read-only during the work
         print(f"error: {describe_os_error(e, '--out / --cache-dir')}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted; files are written whole or not at all, so nothing half-written is left", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        print(f"interrupted by {signal.Signals(signum).name}; files are written whole or not at all, so nothing "
+              f"half-written is left", file=sys.stderr)
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 

@@ -168,7 +168,10 @@ def _convert(value: Any, typ: Any, key: str) -> Any:
         if typ is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            return int(value) if not isinstance(value, str) else int(value, 0)
+            number = int(value) if not isinstance(value, str) else int(value, 0)
+            if abs(number) >= 2**63:  # torch and numpy take 64-bit integers; more would overflow later
+                raise ValueError
+            return number
         if typ is float:
             if isinstance(value, bool):
                 raise ValueError
@@ -252,7 +255,8 @@ def flatten_keys(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:
-    """['--train.lr=3e-4', '--data.name', 'celeba'] -> {'train.lr': '3e-4', 'data.name': 'celeba'}."""
+    """['--train.lr=3e-4', '--data.name', 'celeba'] -> {'train.lr': '3e-4', 'data.name': 'celeba'};
+    a key given twice is an error (one of the two values would be dropped without a word)."""
     out: dict[str, str] = {}
     i = 0
     while i < len(args):
@@ -266,6 +270,9 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
             i += 1
         else:
             raise ValueError(f"override '{arg}' has no value; write it as {arg}=VALUE")
+        if key in out:
+            raise ValueError(f"override --{key} is given twice ({short_repr(out[key])} and {short_repr(value)}); "
+                             f"give it once")
         out[key] = value
         i += 1
     return out
@@ -423,6 +430,10 @@ def validate(cfg: Config) -> None:
         (e.batch_size > 0, f"encoder.batch_size={e.batch_size} must be > 0"),
         (w.d > 0, f"whitening.d={w.d} must be > 0"),
         (w.power_iters >= 0 and w.oversample >= 0, "whitening.power_iters and whitening.oversample must be >= 0"),
+        (math.isfinite(w.eps) and 0 <= w.eps < 1, f"whitening.eps={w.eps} must be a finite number in [0, 1)"),
+        (math.isfinite(w.spill_gb) and w.spill_gb >= 0, f"whitening.spill_gb={w.spill_gb} must be a finite number "
+                                                         f">= 0 (0 = rescatter)"),
+        (w.max_images >= 0, f"whitening.max_images={w.max_images} must be >= 0 (0 = all)"),
         (math.isfinite(t.lr) and t.lr > 0, f"train.lr={t.lr} must be a finite number > 0"),
         (all(0.0 <= b < 1.0 for b in t.betas), f"train.betas={list(t.betas)}: each must be in [0, 1)"),
         (math.isfinite(t.weight_decay) and t.weight_decay >= 0,

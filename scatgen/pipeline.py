@@ -211,7 +211,7 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         if path not in ("code", "prior"):
             raise ValueError(f"path must be 'code' (a straight line between codes) or 'prior' (through the "
                              f"prior's noise), got {path!r}")
-        a, b, t = a.float(), b.float(), t.float()
+        a, b, t = check_codes(a, self.d), check_codes(b, self.d), t.float()
         if path == "code":
             mix = slerp if spherical else lerp
             return torch.stack([mix(u, v, t) for u, v in zip(a, b)])

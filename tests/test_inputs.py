@@ -415,3 +415,50 @@ def test_sigterm_then_resume_gives_the_straight_run(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     assert json.loads((run / "metrics.json").read_text())["steps"] == 60
+
+
+def test_sigterm_outside_the_training_steps_unwinds(tmp_path):
+    # During encoding: no checkpoint can exist yet, but the spill file and the lock must not be left behind.
+    overrides = tiny_overrides(tmp_path, data__num_train=2048, train__max_steps=3)
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), CONFIG, *as_args(overrides)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **ONE_THREAD})
+    deadline = time.time() + 300
+    while not any(p.stat().st_size > 0 for p in cache.glob(".spill-*.f32")):
+        assert proc.poll() is None, f"the run ended before SIGTERM: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
+    assert "stopped by SIGTERM outside the training steps" in err
+    assert not list(cache.glob(".spill-*.f32"))
+
+
+def test_sigterm_during_sampling_says_so_and_leaves_no_partial_file(run_dir, tmp_path):
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "sample", str(run_dir), "--n", "100000",
+                             "--individual", "--refine", "0", "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **ONE_THREAD})
+    deadline = time.time() + 300
+    while len(list(out.glob("sample-*.png"))) < 10:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "interrupted by SIGTERM" in err and "Traceback" not in err
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_an_override_given_twice_or_beyond_64_bits_is_an_error():
+    from scatgen.config import parse_overrides
+
+    with pytest.raises(ValueError, match=r"--train.lr is given twice \('1' and '2'\)"):
+        parse_overrides(["--train.lr=1", "--train.lr", "2"])
+    with pytest.raises(ValueError, match="config key 'train.max_steps'"):
+        load_config(None, {"train.max_steps": str(2**70)})
+    with pytest.raises(ValueError, match="whitening.eps=nan must be a finite number"):
+        load_config(None, {"whitening.eps": "nan"})
