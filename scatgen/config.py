@@ -223,6 +223,9 @@ def _apply(cfg: Config, flat: dict[str, Any]) -> None:
             cfg.generator = generator_config_class(str(kind))()
     for key, value in flat.items():
         parts = key.split(".")
+        if len(parts) == 1 and key in _section_fields(cfg):
+            raise ValueError(f"config section '{key}' must be a mapping of its fields (indented `field: value` lines under `{key}:`), "
+                             f"got {short_repr(value)}")
         if len(parts) != 2 or parts[0] not in _section_fields(cfg):
             raise ValueError(
                 f"unknown config key '{key}'.{_closest(key, valid_keys(cfg))} "

@@ -20,6 +20,7 @@ reads a folder or a Hub repo. scatgen.load never downloads: a repo id must be in
 from __future__ import annotations
 
 import json
+import numbers
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -122,10 +123,10 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
     def refine_settings(self, refine: int | None = None) -> RefineConfig:
         """The bundle's refine config with `refine` steps (None: its own)."""
         steps = self.cfg.refine.steps if refine is None else refine
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
             raise ValueError(f"refine must be a number of steps >= 0 (0 = off, None = the bundle's "
                              f"{self.cfg.refine.steps}), got {refine!r}")
-        return replace(self.cfg.refine, steps=steps)
+        return replace(self.cfg.refine, steps=int(steps))
 
     def encode(self, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
         """images (B, 3, N, N) in [-1, 1] → codes (B, d) = L (S_J x − μ).
@@ -212,6 +213,10 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
             raise ValueError(f"path must be 'code' (a straight line between codes) or 'prior' (through the "
                              f"prior's noise), got {path!r}")
         a, b, t = check_codes(a, self.d), check_codes(b, self.d), t.float()
+        if a.shape != b.shape:
+            raise ValueError(f"interpolate_codes pairs a[i] with b[i]: got {len(a)} and {len(b)} codes")
+        if len(a) == 0:
+            return torch.empty(0, len(t), self.d)
         if path == "code":
             mix = slerp if spherical else lerp
             return torch.stack([mix(u, v, t) for u, v in zip(a, b)])

@@ -462,3 +462,16 @@ def test_an_override_given_twice_or_beyond_64_bits_is_an_error():
         load_config(None, {"train.max_steps": str(2**70)})
     with pytest.raises(ValueError, match="whitening.eps=nan must be a finite number"):
         load_config(None, {"whitening.eps": "nan"})
+
+
+def test_probed_edges_of_the_api(pipe, tmp_path):
+    z = pipe.random_codes(3, seed=0)
+    assert pipe.interpolate_codes(z[:0], z[:0], torch.linspace(0, 1, 4)).shape == (0, 4, pipe.d)
+    with pytest.raises(ValueError, match="pairs a\\[i\\] with b\\[i\\]: got 3 and 2 codes"):
+        pipe.interpolate_codes(z, z[:2], torch.linspace(0, 1, 4))
+    torch.testing.assert_close(pipe.decode(z, refine=np.int64(1)), pipe.decode(z, refine=1))
+    with pytest.raises(ValueError, match=r"add the batch dimension with images\[None\]"):
+        pipe.encode(torch.zeros(3, 32, 32))
+    (tmp_path / "c.yaml").write_text("train: [1, 2]\n")
+    with pytest.raises(ValueError, match="config section 'train' must be a mapping of its fields"):
+        load_config(tmp_path / "c.yaml")
