@@ -144,7 +144,7 @@ def main() -> None:
     for kind, text in yaml_files.items():
         (work / "c.yaml").write_text(text)
         probe("load_config(file)", kind, lambda: load_config(work / "c.yaml"))
-    probe("parse_overrides", "key twice", lambda: parse_overrides(["--train.lr=1", "--train.lr=2"]))
+    probe("parse_overrides", "key twice (last wins)", lambda: parse_overrides(["--train.lr=1", "--train.lr=2"]))
     probe("load_config(override)", "run.seed=2**40", lambda: load_config(None, {"run.seed": str(2**40)}))
 
     # Commands (sample.py / scatgen), in process.

@@ -63,10 +63,11 @@ def uses_scattering(pipe, args) -> bool:
 
 def check_outputs(args) -> None:
     """Every folder the command will write, proved writable before the model is even loaded."""
-    if args.command == "fit-prior":
-        from scatgen.bundle import find_bundle
+    from scatgen.bundle import find_bundle
 
-        writable(find_bundle(args.run), "bundle folder: copy the bundle somewhere writable and pass that")
+    bundle = find_bundle(args.run)  # first: a mistyped RUN must not leave a RUN/samples folder behind
+    if args.command == "fit-prior":
+        writable(bundle, "bundle folder: copy the bundle somewhere writable and pass that")
     else:
         writable(out_dir(args), "--out")
     if args.command == "evaluate" and args.inception and not Path(args.inception).is_file():

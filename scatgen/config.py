@@ -259,7 +259,7 @@ def flatten_keys(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def parse_overrides(args: list[str]) -> dict[str, str]:
     """['--train.lr=3e-4', '--data.name', 'celeba'] -> {'train.lr': '3e-4', 'data.name': 'celeba'};
-    a key given twice is an error (one of the two values would be dropped without a word)."""
+    a key given twice takes its last value, as argparse options do (scripts append overrides)."""
     out: dict[str, str] = {}
     i = 0
     while i < len(args):
@@ -273,9 +273,6 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
             i += 1
         else:
             raise ValueError(f"override '{arg}' has no value; write it as {arg}=VALUE")
-        if key in out:
-            raise ValueError(f"override --{key} is given twice ({short_repr(out[key])} and {short_repr(value)}); "
-                             f"give it once")
         out[key] = value
         i += 1
     return out

@@ -453,11 +453,7 @@ def test_sigterm_during_sampling_says_so_and_leaves_no_partial_file(run_dir, tmp
     assert not list(out.glob(".tmp-*"))
 
 
-def test_an_override_given_twice_or_beyond_64_bits_is_an_error():
-    from scatgen.config import parse_overrides
-
-    with pytest.raises(ValueError, match=r"--train.lr is given twice \('1' and '2'\)"):
-        parse_overrides(["--train.lr=1", "--train.lr", "2"])
+def test_config_values_beyond_64_bits_or_not_finite_are_errors():
     with pytest.raises(ValueError, match="config key 'train.max_steps'"):
         load_config(None, {"train.max_steps": str(2**70)})
     with pytest.raises(ValueError, match="whitening.eps=nan must be a finite number"):
@@ -475,3 +471,8 @@ def test_probed_edges_of_the_api(pipe, tmp_path):
     (tmp_path / "c.yaml").write_text("train: [1, 2]\n")
     with pytest.raises(ValueError, match="config section 'train' must be a mapping of its fields"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_a_mistyped_run_leaves_no_folder_behind(tmp_path, capsys):
+    status, err = cli(capsys, "sample", str(tmp_path / "typo"))
+    assert status == 1 and "no model bundle" in err and not (tmp_path / "typo").exists()
