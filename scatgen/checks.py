@@ -4,6 +4,7 @@ name the problem and the fix (TypeError for a wrong kind of value, ValueError fo
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import warnings
 from typing import Any
@@ -117,8 +118,7 @@ def check_seed(seed: Any) -> int:
 
 def positive_number(value: Any, name: str) -> float:
     """A finite real number > 0 (temperature and the like)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
-            isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype == torch.bool):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number > 0, got {short_repr(value)}")
     number = float(value)
     if not (math.isfinite(number) and number > 0):
