@@ -522,6 +522,8 @@ def main() -> None:
         print(f"| {case.name} | `{shown[:110]}` | {status} | {cell} | {verdict} |", flush=True)
         _writable_again(work)
         shutil.rmtree(work, ignore_errors=True)
+    if "run" in _SHARED:
+        shutil.rmtree(_SHARED["run"].parent, ignore_errors=True)
 
 
 if __name__ == "__main__":

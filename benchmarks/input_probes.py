@@ -58,7 +58,7 @@ def command(*argv: str) -> str:
     return f"exit {status}" + (f": {text}" if text else "")
 
 
-def main() -> None:
+def main(scratch: Path) -> None:
     import scatgen
     from scatgen.config import load_config, parse_overrides
 
@@ -68,7 +68,7 @@ def main() -> None:
         from conftest import tiny_overrides
         from scatgen.training import Trainer
 
-        tmp = Path(tempfile.mkdtemp(prefix="scatgen-probe-"))
+        tmp = scratch / "trained"
         Trainer(load_config(None, tiny_overrides(tmp)), progress=False).train()
         run = tmp / "run"
     pipe = scatgen.load(run)
@@ -130,7 +130,8 @@ def main() -> None:
     probe("scatgen.load", "missing folder", lambda: scatgen.load(run / "nope"))
 
     # Configs (train.py's entry, in process).
-    work = Path(tempfile.mkdtemp(prefix="scatgen-probe-cfg-"))
+    work = scratch / "work"
+    work.mkdir()
     yaml_files = {
         "duplicated section": "train:\n  lr: 0.01\ntrain:\n  max_steps: 5\n",
         "duplicated field": "train:\n  lr: 0.01\n  lr: 0.02\n",
@@ -186,4 +187,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with tempfile.TemporaryDirectory(prefix="scatgen-probe-") as scratch:
+        main(Path(scratch))
