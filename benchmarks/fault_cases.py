@@ -2,6 +2,7 @@
 
     python benchmarks/fault_cases.py              # every case (about 10 minutes on 2 cores)
     python benchmarks/fault_cases.py --only cache 4c  # cases whose name contains 'cache' or '4c'
+    python benchmarks/fault_cases.py --only 21.    # issue 21's cases (inputs, outputs, signals)
 
 Each case prepares a folder, runs train.py or sample.py in a fresh process, and states what a
 correct outcome is (an exit status and text that must appear); the table says whether that held,
@@ -247,7 +248,227 @@ def cases() -> list[Case]:
         Case("9 kill -9 during the whitening pass, then rerun", lambda w: train(w), 0,
              "scattering spill left by a killed run", setup=kill_during_whitening, after=no_spill),
         Case("10 a full run leaves no temporary folder", lambda w: train(w), 0, "", after=no_tmp_left),
+    ] + issue21_cases()
+
+
+# Issue 21: every input kind at every entry point -------------------------------------------------------------
+
+_SHARED: dict[str, Path] = {}
+
+
+def shared_run(work: Path) -> None:
+    """A copy of one tiny trained run (trained once per replay) in work/run."""
+    if "run" not in _SHARED:
+        home = Path(tempfile.mkdtemp(prefix="scatgen-fault-shared-"))
+        trained(home)
+        _SHARED["run"] = home / "run"
+    shutil.copytree(_SHARED["run"], work / "run")
+
+
+API_PRELUDE = """
+import sys, warnings, torch, numpy as np
+sys.path.insert(0, {root!r})
+warnings.simplefilter("always")
+import scatgen
+pipe = scatgen.load({run!r})
+x = pipe.sample(4, seed=0, refine=0)
+z = pipe.encode(x)
+try:
+{body}
+except (TypeError, ValueError, FileNotFoundError) as e:
+    print(f"{{type(e).__name__}}: {{e}}", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def api(body: str) -> Callable[[Path], list[str]]:
+    """A Python API call on the shared run, in a fresh process; a refusal exits 1 with its one line."""
+    def argv(work: Path) -> list[str]:
+        code = "\n".join("    " + line for line in body.strip().splitlines())
+        return ["-c", API_PRELUDE.format(root=str(ROOT), run=str(work / "run"), body=code)]
+    argv.shown = body.replace("\n", "; ")  # type: ignore[attr-defined]
+    return argv
+
+
+def sample(work: Path, command: str, *extra: str) -> list[str]:
+    return ["sample.py", command, str(work / "run"), *extra]
+
+
+def issue21_cases() -> list[Case]:
+    import torch
+
+    def folder(work: Path, train_n: int = 40, test_n: int = 0, links: bool = False) -> None:
+        from PIL import Image
+
+        for split, n in (("train", train_n), ("test", test_n)):
+            if n:
+                (work / "data" / split).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (32, 32), (i * 6, 80 if split == "train" else 200, 160)).save(
+                    work / "data" / split / f"{i}.png")
+        if links:  # test/ reaches 9 train images, and train/ holds 10 second names of its own files
+            for i in range(9):
+                os.symlink(work / "data" / "train" / f"{i}.png", work / "data" / "test" / f"link{i}.png")
+            for i in range(10):
+                os.symlink(work / "data" / "train" / f"{i}.png", work / "data" / "train" / f"dup{i}.png")
+
+    def no_codes(work: Path) -> str:
+        return "encoded before refusing" if list((work / "cache").glob("codes-*")) else ""
+
+    def individual_twice(work: Path) -> None:
+        shared_run(work)
+        run(sample(work, "sample", "--n", "4", "--refine", "0", "--individual", "--out", str(work / "o")))
+
+    def eight_files(work: Path) -> str:
+        n = len(list((work / "o").glob("sample-*.png")))
+        return "" if n == 8 else f"{n} single images, expected 8 (two runs of 4)"
+
+    def bad_cache(work: Path) -> None:
+        shared_run(work)
+        (work / "file").write_text("x")
+        config = work / "run" / "model" / "config.yaml"
+        lines = [f"  cache_dir: {work / 'file' / 'cache'}" if line.startswith("  cache_dir:") else line
+                 for line in config.read_text().splitlines()]
+        config.write_text("\n".join(lines) + "\n")
+        _refresh(work / "run" / "model")
+
+    def bomb(work: Path) -> None:
+        lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+        lines += [f"{b}: &{b} [" + ",".join([f"*{a}"] * 9) + "]" for a, b in zip("abcdefgh", "bcdefghi")]
+        (work / "bomb.yaml").write_text("\n".join(lines) + "\ntrain:\n  betas: *i\n")
+
+    def sigterm(work: Path) -> None:
+        proc = subprocess.Popen([sys.executable, *train(work)], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 300
+        while not (work / "run" / "checkpoints" / "step-0000010").is_dir():
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("the run ended before SIGTERM")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate()
+        (work / "sigterm.txt").write_text(f"{proc.returncode}\n{out}\n{err}")
+
+    def stopped_cleanly(work: Path) -> str:
+        status, text = (work / "sigterm.txt").read_text().split("\n", 1)
+        problems = [] if status == "143" else [f"SIGTERM exit {status}, expected 143"]
+        problems += [] if "interrupted by SIGTERM" in text and "checkpoint saved" in text else ["no message"]
+        problems += [] if list((work / "run" / "checkpoints").glob("step-*")) else ["no checkpoint"]
+        return "; ".join(problems)
+
+    def resumed_to_the_end(work: Path) -> str:
+        metrics = work / "run" / "metrics.json"
+        import json
+
+        return "" if metrics.is_file() and json.loads(metrics.read_text())["steps"] == 30 else "not 30 steps"
+
+    gpu = torch.cuda.is_available()
+    folder_train = lambda w, *extra: train(w, "--data.name=folder", f"--data.root={w / 'data'}",  # noqa: E731
+                                           "--train.batch_size=8", *extra)
+    return [
+        Case("21.1a encode of 0–255 floats", api("pipe.encode((x + 1) * 127.5)"), 1, "0–255 values",
+             setup=shared_run, shown="pipe.encode((x + 1) * 127.5)"),
+        Case("21.1b encode of [0, 1] floats (ToTensor)", api("pipe.encode((x + 1) / 2)"), 0, "ToTensor",
+             setup=shared_run, shown="pipe.encode((x + 1) / 2)"),
+        Case("21.1c reconstruct of uint8", api(
+            "u = ((x + 1) * 127.5).round().to(torch.uint8)\n"
+            "assert torch.allclose(pipe.encode(u), pipe.encode(u.float() / 127.5 - 1))\n"
+            "print('uint8 converted', tuple(pipe.reconstruct(u, refine=0).shape))"), 0, "uint8 converted",
+             setup=shared_run, shown="pipe.reconstruct(uint8 images)"),
+        Case("21.2 folder with symlinks across and within splits", lambda w: ["-c", (
+            f"import sys, os; sys.path.insert(0, {str(ROOT)!r})\n"
+            "from scatgen.data.folder import ImageFolderDataset as F\n"
+            f"s = {{k: F({str(w / 'data')!r}, k, 32, split_mode='folders') for k in ('train', 'test')}}\n"
+            "ino = {k: [os.stat(p).st_ino for p in d.files] for k, d in s.items()}\n"
+            "print('shared', len(set(ino['train']) & set(ino['test'])), 'duplicated',"
+            " sum(len(v) - len(set(v)) for v in ino.values()))")], 0, "shared 0 duplicated 0",
+             setup=lambda w: folder(w, 40, 20, links=True), shown="ImageFolderDataset of train/ + test/ with links"),
+        Case("21.3 sample --individual, then other settings", lambda w: sample(
+            w, "sample", "--n", "4", "--refine", "0", "--individual", "--prior", "normal", "--temperature", "0.5",
+            "--out", str(w / "o")), 0, "wrote", setup=individual_twice, after=eight_files),
+        Case("21.4 a config with two train: sections", lambda w: ["train.py", str(w / "dup.yaml")], 2,
+             "key 'train' appears twice", setup=lambda w: (w / "dup.yaml").write_text(
+                 "train:\n  lr: 0.01\nrun:\n  seed: 1\ntrain:\n  max_steps: 5\n")),
+        Case("21.5 whitening.d=300 with 256 train images", lambda w: train(w, "--whitening.d=300"), 0,
+             "code components will be degenerate"),
+        Case("21.6a decode of a NaN code", api("z[0, 0] = float('nan'); pipe.decode(z, refine=0)"), 1,
+             "NaN or infinite", setup=shared_run, shown="pipe.decode(z with a NaN, refine=0)"),
+        Case("21.6b refined decode of an inf code", api("z[1, 2] = float('inf'); pipe.decode(z, refine=2)"), 1,
+             "NaN or infinite", setup=shared_run, shown="pipe.decode(z with an inf, refine=2)"),
+        Case("21.6c reconstruct of a NaN pixel", api("x[0, 0, 0, 0] = float('nan'); pipe.reconstruct(x)"), 1,
+             "NaN or infinite", setup=shared_run, shown="pipe.reconstruct(x with a NaN)"),
+        Case("21.7 decode(known=-1)", api("pipe.decode(z, refine=1, known=-1)"), 1, "known", setup=shared_run),
+        Case("21.8a sample --out an existing file", lambda w: sample(w, "sample", "--out", str(w / "file")), 1,
+             "a file is in the way", setup=lambda w: (shared_run(w), (w / "file").write_text("x"))),
+        Case("21.8b evaluate --out under a file", lambda w: sample(w, "evaluate", "--out", str(w / "file" / "o")), 1,
+             "regular file", setup=lambda w: (shared_run(w), (w / "file").write_text("x"))),
+        Case("21.8c reconstruct --out under a file", lambda w: sample(w, "reconstruct", "--out", str(w / "f" / "o")),
+             1, "regular file", setup=lambda w: (shared_run(w), (w / "f").write_text("x"))),
+        Case("21.8d sample into a read-only run folder", lambda w: sample(w, "sample"), 1, "writable",
+             setup=lambda w: (shared_run(w), read_only(w / "run"))),
+        Case("21.8g evaluate in a read-only run folder", lambda w: sample(w, "evaluate"), 1, "writable",
+             setup=lambda w: (shared_run(w), read_only(w / "run"))),
+        Case("21.8h fit-prior into a read-only bundle", lambda w: sample(w, "fit-prior", "--kind", "gmm"), 1,
+             "writable", setup=lambda w: (shared_run(w), read_only(w / "run" / "model"))),
+        Case("21.8e bundle whose cache folder is unusable", lambda w: sample(
+            w, "reconstruct", "--n", "2", "--refine", "0"), 1, "--cache-dir", setup=bad_cache),
+        Case("21.8f the same with --cache-dir", lambda w: sample(
+            w, "reconstruct", "--n", "2", "--refine", "0", "--cache-dir", str(w / "mine")), 0, "wrote",
+             setup=bad_cache),
+        Case("21.9 evaluate --inception missing", lambda w: sample(w, "evaluate", "--inception", str(w / "no.pt")),
+             1, "--inception", setup=shared_run),
+        Case("21.10a decode of float64 codes", api("print(pipe.decode(z.double(), refine=0).dtype)"), 0,
+             "torch.float32", setup=shared_run),
+        Case("21.10b decode of int codes", api("pipe.decode(z.long())"), 1, "floating-point tensor",
+             setup=shared_run),
+        Case("21.10c decode of bool codes", api("pipe.decode(z > 0)"), 1, "floating-point tensor", setup=shared_run),
+        Case("21.10d decode of a NumPy array", api("pipe.decode(z.numpy())"), 1, "torch.from_numpy",
+             setup=shared_run),
+        Case("21.10e sample(2.5)", api("pipe.sample(2.5)"), 1, "whole number", setup=shared_run),
+        Case("21.10f interpolate(steps=2.5)", api("pipe.interpolate(z[0], z[1], steps=2.5)"), 1, "whole number",
+             setup=shared_run),
+        Case("21.10g sample(seed=2**70)", api("pipe.sample(2, seed=2**70)"), 1, "2^63", setup=shared_run),
+        Case("21.10h interpolate --a seed:2**70", lambda w: sample(w, "interpolate", "--a", f"seed:{2**70}",
+             "--b", "seed:1", "--refine", "0"), 1, "2^63", setup=shared_run),
+        Case("21.10i sample --seed 2**70", lambda w: sample(w, "sample", "--seed", str(2**70)), 2, "2^63",
+             setup=shared_run),
+        Case("21.11a encode and reconstruct of 0 images", api(
+            "e = torch.empty(0, 3, 32, 32)\nprint('empty', tuple(pipe.encode(e).shape), "
+            "tuple(pipe.reconstruct(e).shape), tuple(pipe.decode(torch.empty(0, pipe.d), refine=2).shape))"), 0,
+             "empty (0, 32) (0, 3, 32, 32) (0, 3, 32, 32)", setup=shared_run),
+        Case("21.11b folder run whose test split holds one image", lambda w: folder_train(w), 1, "at least 2",
+             setup=lambda w: folder(w, 40, 1), after=no_codes),
+        Case("21.12a --device cuda", lambda w: sample(w, "sample", "--n", "2", "--device", "cuda", "--refine", "0"),
+             0 if gpu else 2, "wrote" if gpu else "no CUDA GPU", setup=shared_run),
+        Case("21.12b --device gpu0", lambda w: sample(w, "sample", "--device", "gpu0"), 2, "unknown device 'gpu0'",
+             setup=shared_run),
+        Case("21.13 YAML alias bomb", lambda w: ["train.py", str(w / "bomb.yaml")], 2, "expand to more than",
+             setup=bomb),
+        Case("21.14a interpolate --steps 100000", lambda w: sample(w, "interpolate", "--a", "seed:0", "--b", "seed:1",
+             "--steps", "100000"), 2, "at most 256", setup=shared_run),
+        Case("21.14b sample --n 100000 (a grid)", lambda w: sample(w, "sample", "--n", "100000"), 2,
+             "pass --individual", setup=shared_run),
+        Case("21.14c sample --n 600 --individual", lambda w: sample(w, "sample", "--n", "600", "--individual",
+             "--refine", "0", "--out", str(w / "o")), 0, "the grid shows the first 256", setup=shared_run,
+             after=lambda w: "" if len(list((w / "o").glob("sample-*.png"))) == 600 else "not 600 files"),
+        Case("21.15a SIGTERM during training", lambda w: ["-c", "print(open('/dev/null').read())"], 0, "",
+             setup=sigterm, after=stopped_cleanly, shown="train.py $TINY; SIGTERM after step 10"),
+        Case("21.15b resume after SIGTERM", lambda w: train(w, "--run.resume=latest"), 0, "resumed from",
+             setup=sigterm, after=resumed_to_the_end),
     ]
+
+
+def read_only(folder: Path) -> None:
+    """Make a folder refuse new entries, for root too (chattr +i; chmod where that is not allowed)."""
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        folder.chmod(0o555)
+
+
+def _writable_again(work: Path) -> None:
+    subprocess.run(["chattr", "-R", "-i", str(work)], capture_output=True)
+    for path in [work, *work.rglob("*")]:
+        if path.is_dir() and not path.is_symlink():
+            path.chmod(0o755)
 
 
 def _refresh(folder: Path) -> None:
@@ -293,12 +514,16 @@ def main() -> None:
             verdict = "ok" if not problems else "WRONG: " + "; ".join(problems)
         except Exception as e:  # a broken case is reported, never hidden
             verdict, seen, result = f"CASE FAILED: {e}", "", None
-        shown = case.shown or " ".join(argv if result is not None else []).replace(str(work), "$W")
+        shown = case.shown or getattr(case.command, "shown", "") or " ".join(
+            argv if result is not None else []).replace(str(work), "$W")
         shown = shown.replace(" ".join(TINY), "$TINY").replace(" --run.out_dir=$W/run --run.cache_dir=$W/cache", "")
         status = result.returncode if result is not None else "-"
         cell = seen.replace("|", "\\|").strip()[:160]
         print(f"| {case.name} | `{shown[:110]}` | {status} | {cell} | {verdict} |", flush=True)
+        _writable_again(work)
         shutil.rmtree(work, ignore_errors=True)
+    if "run" in _SHARED:
+        shutil.rmtree(_SHARED["run"].parent, ignore_errors=True)
 
 
 if __name__ == "__main__":

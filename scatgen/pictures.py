@@ -10,14 +10,25 @@ from torchvision.utils import make_grid
 
 from scatgen.utils import atomic_path
 
+MAX_PIXELS = 50_000_000  # one picture: 600 MB as float32 RGB; a bigger one is a mistake, not a picture
+
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] → [0, 1], clamped."""
     return ((images.float() + 1) / 2).clamp(0, 1)
 
 
+def _check_size(height: int, width: int) -> None:
+    if height * width > MAX_PIXELS:
+        raise ValueError(f"a picture of {width}×{height} pixels is too large to build (at most {MAX_PIXELS:,}); "
+                         f"show fewer images, or wrap them into more rows")
+
+
 def grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
     """images (B, 3, N, N) in [-1, 1] → one (3, H, W) picture in [0, 1]."""
+    columns = max(1, min(nrow, len(images)))
+    rows = -(-len(images) // columns)
+    _check_size(rows * (images.shape[-2] + 2) + 2, columns * (images.shape[-1] + 2) + 2)
     return make_grid(to_unit(images), nrow=nrow, padding=2, pad_value=1.0)
 
 
@@ -30,6 +41,7 @@ def enlarge(picture: torch.Tensor, factor: int = 4) -> torch.Tensor:
     """Nearest-neighbour upscaling of a (3, H, W) picture: 32² thumbnails hide blur."""
     if factor < 1:
         raise ValueError(f"the enlargement factor must be >= 1, got {factor}")
+    _check_size(picture.shape[-2] * factor, picture.shape[-1] * factor)
     return picture.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
 
 

@@ -20,6 +20,7 @@ reads a folder or a Hub repo. scatgen.load never downloads: a repo id must be in
 from __future__ import annotations
 
 import json
+import numbers
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -28,12 +29,17 @@ import torch
 from huggingface_hub import ModelHubMixin, snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+from scatgen.checks import (check_code_or_image, check_codes, check_device, check_images, check_known, check_seed,
+                            positive_number, whole_number)
 from scatgen.config import Config, RefineConfig
 from scatgen.generators import Generator
 from scatgen.prior import CodePrior, NormalPrior
 from scatgen.refinement import refine_decodings, refine_reconstructions
 from scatgen.scattering import Scattering
+from scatgen.utils import progress_bar
 from scatgen.whitening import Whitening
+
+PROGRESS_DELAY_S = 5.0  # a decode that takes longer than this shows a progress bar
 
 
 def lerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -80,7 +86,7 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
     def __init__(self, generator: Generator, whitening: Whitening, cfg: Config,
                  scattering: Scattering | None = None, device: torch.device | str = "cpu",
                  priors: dict[str, CodePrior] | None = None) -> None:
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.cfg = cfg
         self.generator = generator.to(self.device).eval()
         self.whitening = whitening.to(self.device)
@@ -117,40 +123,54 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
     def refine_settings(self, refine: int | None = None) -> RefineConfig:
         """The bundle's refine config with `refine` steps (None: its own)."""
         steps = self.cfg.refine.steps if refine is None else refine
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
             raise ValueError(f"refine must be a number of steps >= 0 (0 = off, None = the bundle's "
                              f"{self.cfg.refine.steps}), got {refine!r}")
-        return replace(self.cfg.refine, steps=steps)
+        return replace(self.cfg.refine, steps=int(steps))
+
+    def encode(self, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+        """images (B, 3, N, N) in [-1, 1] → codes (B, d) = L (S_J x − μ).
+
+        uint8 images (0–255) are converted with v / 127.5 − 1; float images outside [-1, 1] or
+        with NaN/inf are refused, and images all in [0, 1] warn (ImageRangeWarning)."""
+        return self._encode(check_images(images, self.image_size), whole_number(batch_size, "batch_size", 1))
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
-        """images (B, 3, N, N) in [-1, 1] → codes (B, d) = L (S_J x − μ)."""
-        self._check_images(images)
+    def _encode(self, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+        if len(images) == 0:
+            return torch.empty(0, self.d)
         out = [self.whitening(self.scattering(chunk.to(self.device))) for chunk in images.split(batch_size)]
         return torch.cat(out).cpu()
-
-    def _check_images(self, images: torch.Tensor) -> None:
-        n = self.image_size
-        if images.ndim != 4 or tuple(images.shape[1:]) != (3, n, n):
-            raise ValueError(f"expected images of shape (B, 3, {n}, {n}), got {tuple(images.shape)}")
 
     def decode(self, codes: torch.Tensor, refine: int | None = None, batch_size: int = 256,
                known: int | None = None) -> torch.Tensor:
         """codes (B, d) → images (B, 3, N, N) in [-1, 1]: G(z), then `refine` steps towards
-        the code's coefficients in the whitening's PCA basis (its `known` leading ones; None: all)."""
-        if codes.ndim != 2 or codes.shape[1] != self.d:
-            raise ValueError(f"expected codes of shape (B, {self.d}), got {tuple(codes.shape)}")
+        the code's coefficients in the whitening's PCA basis (its `known` leading ones, 0..d; None: all).
+
+        Codes of any floating dtype are converted to float32; integer or bool codes and NaN/inf
+        are refused. A long decode shows a progress bar on stderr."""
+        codes = check_codes(codes, self.d)
+        known = check_known(known, self.d)
+        batch_size = whole_number(batch_size, "batch_size", 1)
         cfg = self.refine_settings(refine)
+        n = self.image_size
+        out = torch.empty(len(codes), 3, n, n)  # filled in place: no second copy of a large batch
+        if len(codes) == 0:
+            return out
         self.generator.eval()
         with torch.no_grad():
-            out = torch.cat([self.generator(chunk.to(self.device))[0].float()
-                             for chunk in codes.split(batch_size)]).cpu()
+            for start in progress_bar(range(0, len(codes), batch_size), desc="decoding", unit="batch", leave=False,
+                                      delay=PROGRESS_DELAY_S):
+                chunk = codes[start:start + batch_size].to(self.device)
+                out[start:start + len(chunk)] = self.generator(chunk)[0].float().cpu()
         if cfg.steps == 0:
             return out
         return refine_decodings(self.scattering, self.whitening, out, codes, cfg, known)
 
     def random_codes(self, n: int, seed: int = 0, temperature: float = 1.0, prior: str | None = None) -> torch.Tensor:
         """n codes from a prior ('normal', or one the bundle holds; None = the default)."""
+        n = whole_number(n, "the number of samples n", 1)
+        seed, temperature = check_seed(seed), positive_number(temperature, "temperature")
         return self._prior(prior)[1].sample(n, seed=seed, temperature=temperature)
 
     def sample(self, n: int, seed: int = 0, temperature: float = 1.0, prior: str | None = None,
@@ -161,11 +181,11 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         return self.decode(codes, refine=refine, known=self.priors[prior or self.default_prior].modelled)
 
     def reconstruct(self, images: torch.Tensor, refine: int | None = None) -> torch.Tensor:
-        """G(L S_J x), then `refine` steps towards the full S_J x."""
-        self._check_images(images)
+        """G(L S_J x), then `refine` steps towards the full S_J x (images as for encode)."""
+        images = check_images(images, self.image_size)
         cfg = self.refine_settings(refine)
-        recons = self.decode(self.encode(images), refine=0)
-        if cfg.steps == 0:
+        recons = self.decode(self._encode(images), refine=0)
+        if cfg.steps == 0 or len(images) == 0:
             return recons
         return refine_reconstructions(self.scattering, recons, images, cfg)
 
@@ -192,7 +212,11 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         if path not in ("code", "prior"):
             raise ValueError(f"path must be 'code' (a straight line between codes) or 'prior' (through the "
                              f"prior's noise), got {path!r}")
-        a, b, t = a.float(), b.float(), t.float()
+        a, b, t = check_codes(a, self.d), check_codes(b, self.d), t.float()
+        if a.shape != b.shape:
+            raise ValueError(f"interpolate_codes pairs a[i] with b[i]: got {len(a)} and {len(b)} codes")
+        if len(a) == 0:
+            return torch.empty(0, len(t), self.d)
         if path == "code":
             mix = slerp if spherical else lerp
             return torch.stack([mix(u, v, t) for u, v in zip(a, b)])
@@ -209,13 +233,13 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         """Decode `steps` codes from a to b (each (d,), or an image (3, N, N) to encode first)
         along `path` (see interpolate_codes; None: the default_path, or 'code' with `spherical`);
         `known` as in decode (the prior's modelled components when an end is a prior's draw)."""
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-            raise ValueError(f"interpolation needs a whole number of steps >= 2, got {steps!r}")
+        steps = whole_number(steps, "steps (images along the path, both ends included)", 2)
         if path is None:
             path = "code" if spherical else self.default_path
         if spherical and path != "code":
             raise ValueError("spherical=True is a path between codes: use it with path='code'")
-        a, b = (self.encode(v[None])[0] if v.ndim == 3 else v for v in (a, b))
+        a, b = (check_code_or_image(v, self.d, self.image_size, name) for v, name in ((a, "a"), (b, "b")))
+        a, b = (self._encode(v[None])[0] if v.ndim == 3 else v for v in (a, b))
         codes = self.interpolate_codes(a[None], b[None], torch.linspace(0, 1, steps), path, spherical, prior)[0]
         return self.decode(codes, refine=refine, known=known)
 
@@ -224,13 +248,10 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         """n variations of an image (3, N, N), or of a code (d,): its code is carried part of the
         way to the prior's noise (`strength` in [0, 1]) and back. strength 0 gives n copies of the
         image's own decoding; 1 gives fresh samples. → (n, 3, N, N)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"the number of variations must be a whole number >= 1, got {n!r}")
+        n, seed = whole_number(n, "the number of variations n", 1), check_seed(seed)
         _, code_prior = self._prior(prior)
-        code = self.encode(image[None])[0] if image.ndim == 3 else image
-        if code.shape != (self.d,):
-            raise ValueError(f"vary takes an image (3, {self.image_size}, {self.image_size}) or a code ({self.d},), "
-                             f"got {tuple(image.shape)}")
+        image = check_code_or_image(image, self.d, self.image_size, "image")
+        code = self._encode(image[None])[0] if image.ndim == 3 else image
         codes = code_prior.vary(code.float()[None].expand(n, -1), strength, seed)
         return self.decode(codes, refine=refine)
 
@@ -278,6 +299,7 @@ def _load_folder(path: Path, device: torch.device | str) -> Pipeline:
     from scatgen.bundle import find_bundle, load_bundle, load_priors
     from scatgen.config import config_from_dict
 
+    device = check_device(device)  # before any weights move there
     generator, whitening, cfg = load_bundle(path, device=device)
     hub_config = find_bundle(path) / "config.json"
     if hub_config.is_file() and config_from_dict(json.loads(hub_config.read_text())["config"]) != cfg:

@@ -23,7 +23,16 @@ import torch
 
 from scatgen.config import RefineConfig
 from scatgen.scattering import Scattering
+from scatgen.utils import progress_bar
 from scatgen.whitening import Whitening
+
+PROGRESS_DELAY_S = 5.0  # refinement that takes longer than this shows a progress bar
+
+
+def _batches(*tensors: torch.Tensor, size: int):
+    """Batches of `size` items of each tensor, with a progress bar once the work takes a while."""
+    pairs = list(zip(*(t.split(size) for t in tensors)))
+    return progress_bar(pairs, desc="refining", unit="batch", leave=False, delay=PROGRESS_DELAY_S)
 
 Objective = Callable[[torch.Tensor], torch.Tensor]  # coeffs (B, D) → per-image energy (B,)
 
@@ -186,7 +195,7 @@ def refine_reconstructions(scattering: Scattering, start: torch.Tensor, images: 
         return start
     device = next(iter(scattering.buffers()), torch.empty(0)).device
     out = []
-    for x0, xt in zip(start.split(cfg.batch_size), images.split(cfg.batch_size)):
+    for x0, xt in _batches(start, images, size=cfg.batch_size):
         x0, xt = x0.to(device), xt.to(device)
         with torch.no_grad():
             target = scattering(xt.float()).reshape(len(xt), -1)
@@ -203,7 +212,7 @@ def refine_decodings(scattering: Scattering, whitening: Whitening, start: torch.
         return start
     device = whitening.mean.device
     out = []
-    for x0, z in zip(start.split(cfg.batch_size), codes.split(cfg.batch_size)):
+    for x0, z in _batches(start, codes, size=cfg.batch_size):
         x0, z = x0.to(device), z.to(device)
         with torch.no_grad():
             start_coeffs = scattering(x0.float()).reshape(len(x0), -1)

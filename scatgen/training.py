@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,6 +45,18 @@ from scatgen.utils import atomic_path, progress_bar
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """A stop signal (SIGINT from Ctrl-C, SIGTERM from docker stop, timeout, SLURM, Kubernetes);
+    `signum` says which, so that the command can exit with 128 + signum."""
+
+    def __init__(self, signum: int = signal.SIGINT, checkpointed: bool = False) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.checkpointed = int(signum), checkpointed
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class CodedImages(Dataset):
@@ -229,6 +242,7 @@ class Trainer:
             if len(dataset) == 0:
                 raise ValueError(f"the {split} split of {cfg.data.name} at '{cfg.data.root}' is empty; "
                                  f"check data.root and data.num_{split}")
+        self._check_split_sizes(len(self.train_images), len(self.test_images))
         if self.accelerator.is_main_process:
             with atomic_path(self.paths.root / "config.yaml") as tmp:
                 save_config(cfg, tmp)
@@ -261,6 +275,28 @@ class Trainer:
         self._first_bad_step = torch.full((), -1, dtype=torch.long, device=self.accelerator.device)
         self._first_bad_loss = torch.zeros((), device=self.accelerator.device)
         self._stop_requested = False
+        self._stop_signal = signal.SIGINT
+
+    def _check_split_sizes(self, n_train: int, n_test: int) -> None:
+        """Refuse, before any encoding, splits too small for the run; warn about a code size the
+        train images cannot support."""
+        cfg, t = self.cfg, self.cfg.train
+        where = f"data.root '{cfg.data.root}'" if cfg.data.root else f"data.name={cfg.data.name}"
+        if n_test < 2:
+            raise ValueError(f"the test split of {where} holds {n_test} image; training needs at least 2 (the "
+                             f"pictures and the test PSNR compare test images): add test images, or raise "
+                             f"data.test_fraction / data.num_test")
+        world = self.accelerator.num_processes
+        if n_train < t.batch_size * world:
+            raise ValueError(f"train.batch_size={t.batch_size} × {world} process(es) exceeds the {n_train} train "
+                             f"images of {where}; lower train.batch_size or add images")
+        fitted = min(n_train, cfg.whitening.max_images) if cfg.whitening.max_images > 0 else n_train
+        if cfg.whitening.d > fitted - 1:
+            warnings.warn(
+                f"whitening.d={cfg.whitening.d}, but {fitted} train images span at most {fitted - 1} directions: "
+                f"{cfg.whitening.d - fitted + 1} code components will be degenerate (near-zero variance on train "
+                f"codes, yet N(0, I) samples them at full scale). Lower whitening.d to at most {fitted - 1}, or "
+                f"train on more images", stacklevel=2)
 
     def _all_ranks_or_raise(self, action) -> None:
         """Run `action` (on the ranks that have one); if it fails on any rank, every rank raises,
@@ -456,7 +492,7 @@ class Trainer:
             by_prior += [pipe.sample(8, seed=seed, prior=kind, refine=0)]
             by_prior += [pipe.sample(8, seed=seed, prior=kind)] if refining else []
         save_png(enlarge(grid(torch.cat(by_prior)), factor), self.paths.images / "samples-by-prior.png")
-        pairs = min(4, len(codes) // 2)
+        pairs = min(4, len(codes) // 2)  # >= 1: _check_split_sizes asks for two test images
         path = pipe.interpolate_codes(codes[0:2 * pairs:2], codes[1:2 * pairs:2], torch.linspace(0, 1, 10),
                                       path=pipe.default_path)
         save_png(enlarge(grid(pipe.decode(path.flatten(0, 1)), nrow=10), factor), self.paths.images / "interpolation.png")
@@ -470,7 +506,9 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------
 
     def _request_stop(self, signum, frame) -> None:
+        # Only a flag: the loop finishes its step, saves a checkpoint and stops on every rank together.
         self._stop_requested = True
+        self._stop_signal = signum or signal.SIGINT
 
     def _any_rank(self, flag: bool) -> bool:
         if self.accelerator.num_processes == 1:
@@ -510,7 +548,7 @@ class Trainer:
                               acc.process_index, acc.num_processes)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=t.num_workers, collate_fn=collate_skip_none,
                             persistent_workers=False)
-        previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+        previous_handlers = {sig: signal.signal(sig, self._request_stop) for sig in STOP_SIGNALS}
         bar = progress_bar(total=self.total_steps, initial=self.step, disable=not self.progress, desc="training",
                            unit="step", dynamic_ncols=True)
         start, paused, resumed_seconds, first_step = time.time(), 0.0, self.train_seconds, self.step
@@ -578,16 +616,19 @@ class Trainer:
                 if self._should_stop():
                     break
         finally:
-            signal.signal(signal.SIGINT, previous_handler)
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
             if t.max_minutes > 0 and not self._stop_requested:
                 bar.total = bar.n  # the budget ended the run: show it complete, not past an estimate
             bar.close()
         self._raise_if_nonfinite()
         self.save_checkpoint()
         if self._stop_requested:
-            acc.print(f"interrupted at step {self.step}; checkpoint saved. Resume with --run.resume=latest")
+            name = signal.Signals(self._stop_signal).name
+            acc.print(f"interrupted by {name} at step {self.step}; checkpoint saved ({self.last_checkpoint}). "
+                      f"Resume with --run.resume=latest")
             acc.end_training()
-            raise KeyboardInterrupt
+            raise TrainingStopped(self._stop_signal, checkpointed=True)
         if acc.is_main_process:
             metrics = self.evaluate()
             metrics.update(steps=self.step, num_processes=acc.num_processes, minutes=(time.time() - start) / 60, train_minutes=self.train_seconds / 60,

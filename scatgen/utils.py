@@ -71,17 +71,47 @@ def one_line_warnings() -> None:
     warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
 
 
-def describe_os_error(e: OSError) -> str:
-    """One line for a failed file operation: what, where, and what to do about it."""
+def describe_os_error(e: OSError, options: str = "run.out_dir / run.cache_dir") -> str:
+    """One line for a failed file operation: what, where, and what to do about it (`options`
+    names the settings that choose the paths, e.g. '--out / --cache-dir' for a command)."""
     where = f" '{e.filename}'" if e.filename else ""
-    hint = {errno.ENOSPC: "free some disk space, or point run.out_dir / run.cache_dir at another disk",
-            errno.EDQUOT: "free some disk space, or point run.out_dir / run.cache_dir at another disk",
-            errno.EACCES: "choose a writable run.out_dir / run.cache_dir",
-            errno.EROFS: "choose a run.out_dir / run.cache_dir on a writable file system",
-            errno.ENOTDIR: "a part of the path is a regular file; choose another run.out_dir / run.cache_dir",
-            errno.EEXIST: "a file is in the way of a folder; choose another run.out_dir / run.cache_dir",
+    hint = {errno.ENOSPC: f"free some disk space, or point {options} at another disk",
+            errno.EDQUOT: f"free some disk space, or point {options} at another disk",
+            errno.EACCES: f"choose a writable {options}",
+            errno.EPERM: f"choose a writable {options}",
+            errno.EROFS: f"choose a {options} on a writable file system",
+            errno.ENOTDIR: f"a part of the path is a regular file; choose another {options}",
+            errno.EEXIST: f"a file is in the way of a folder; choose another {options}",
+            errno.EISDIR: f"a folder is in the way of a file; choose another {options}",
             }.get(e.errno, "check the path and the disk")
     return f"{e.strerror or e}{where}: {hint}"
+
+
+def writable_folder(path: str | Path) -> Path:
+    """Create `path` if needed and prove that files can be written in it, before any work; an
+    OSError (to be shown with describe_os_error) names the path otherwise."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)  # a file in the way is a FileExistsError (EEXIST)
+    # os.access is not enough: it says yes to root on a read-only mount, and to ACL-denied users.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tmp-write-test-", dir=path)
+    except OSError as e:  # name the folder, not the probe file
+        raise type(e)(e.errno, e.strerror, str(path)) from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr(value) cut to about `limit` characters, without building the whole of a huge value
+    (a YAML alias bomb expands to billions of items)."""
+    import reprlib
+
+    shortener = reprlib.Repr()
+    shortener.maxlevel, shortener.maxstring, shortener.maxother = 3, limit, limit
+    shortener.maxlist = shortener.maxtuple = shortener.maxdict = shortener.maxset = 6
+    text = shortener.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def progress_bar(iterable: Any = None, **kwargs: Any) -> tqdm:

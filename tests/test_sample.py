@@ -41,7 +41,7 @@ def test_sample_subcommand(run_dir):
                         "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert (out / "samples-normal-refine0-seed0-t1.png").is_file()
-    assert len(list(out.glob("sample-3-*.png"))) == 6
+    assert len(list(out.glob("sample-flow-refine3-seed3-t0.7-*.png"))) == 6  # named as the grid is
 
 
 def test_interpolate_subcommand(run_dir, tmp_path):

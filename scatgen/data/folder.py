@@ -9,6 +9,10 @@ the file's absolute Path.
   recursively; names starting with "." (hidden files and folders, e.g. macOS
   "._x.jpg" resource forks) are skipped; symlinked files are followed,
   symlinked folders are not. Items are sorted by relative POSIX path.
+* Each file is used once, in one split, however many names reach it (symlinks, hard
+  links: the same device and inode): the real file's name is kept when it is listed, else
+  the first name in sorted order ("folders" mode: the train split's). A warning says how
+  many names were dropped.
 * Split, by `split_mode` (data.split):
   - "folders": ``root/train/`` is the train split and ``root/test/`` (else ``root/val/``,
     else ``root/validation/``) the test split, as torchvision-style datasets ship; files
@@ -35,7 +39,7 @@ from pathlib import Path
 
 from scatgen.data.images import IMAGE_EXTENSIONS, FileImageDataset, is_image_file
 
-__all__ = ["ImageFolderDataset", "list_images", "in_test_split", "split_folders"]
+__all__ = ["ImageFolderDataset", "list_images", "in_test_split", "split_folders", "unique_files"]
 
 SPLIT_MODES = ("auto", "hash", "folders")
 TEST_FOLDERS = ("test", "val", "validation")  # in order of preference: a dataset's test set is its held-out one
@@ -61,6 +65,28 @@ def list_images(root: Path, recursive: bool = True) -> list[Path]:
                 found.append((p.relative_to(root).as_posix(), p))
     found.sort(key=lambda t: t[0])
     return [p for _, p in found]
+
+
+def unique_files(files: list[Path]) -> list[Path]:
+    """`files` (in their order) with each file once, however many names reach it: a name that is
+    not a symlink wins over links to the same file, else the earliest name does."""
+    chosen: dict[object, Path] = {}
+    for p in files:
+        try:
+            st = p.stat()  # follows links: the file itself
+            key: object = (st.st_dev, st.st_ino)
+        except OSError:
+            key = p  # vanished since listing: reading it will report it
+        if key not in chosen or (chosen[key].is_symlink() and not p.is_symlink()):
+            chosen[key] = p
+    kept = set(chosen.values())
+    return [p for p in files if p in kept]
+
+
+def _warn_duplicates(root: Path, dropped: int, total: int) -> None:
+    if dropped:
+        warnings.warn(f"folder dataset: {dropped} of the {total} image names under {root} are symlinks or hard "
+                      f"links to files already listed; each file is used once, in one split", stacklevel=3)
 
 
 def split_folders(root: Path) -> dict[str, Path] | None:
@@ -115,13 +141,20 @@ class ImageFolderDataset(FileImageDataset):
                 f"of each file's path")
         if folders is not None:
             _announce(root_path, folders, split_mode)
-            files = list_images(folders[split])
+            # A test file reachable from train/ too would score the model on what it trained on.
+            listed = {name: list_images(folder) for name, folder in folders.items()}
+            everything = listed["train"] + listed["test"]
+            kept = set(unique_files(everything))
+            _warn_duplicates(root_path, len(everything) - len(kept), len(everything))
+            files = [p for p in listed[split] if p in kept]
             if not files:
                 raise FileNotFoundError(f"image folder '{folders[split]}' (the {split} split) holds no {exts} "
                                         f"files (searched recursively); add images or set data.split=hash")
             extra = dict(split_mode="folders", split_folder=folders[split].name)
         else:
-            files = list_images(root_path)
+            listed = list_images(root_path)
+            files = unique_files(listed)
+            _warn_duplicates(root_path, len(listed) - len(files), len(listed))
             if not files:
                 raise FileNotFoundError(f"image folder '{root_path}' holds no {exts} files (searched "
                                         f"recursively; case-insensitive; names starting with '.' are skipped)")
