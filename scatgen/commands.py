@@ -143,7 +143,7 @@ def cmd_interpolate(pipe, args) -> None:
     # A prior's draw is information only in the components the prior models.
     seeds = any(spec.startswith("seed:") for spec in (args.a, args.b))
     known = pipe.priors[args.prior or pipe.default_prior].modelled if seeds else None
-    path = args.path or ("code" if args.spherical else pipe.default_path)
+    path = args.path
     path_images = pipe.interpolate(a, b, steps=args.steps, spherical=args.spherical, refine=args.refine, known=known,
                                    path=path, prior=args.prior)
     out = out_dir(args)
@@ -341,9 +341,9 @@ def main(argv: list[str], prog: str | None = None, description: str | None = Non
     parsers["interpolate"].add_argument("--b", required=True, help="image path, train:I, test:I or seed:K")
     parsers["interpolate"].add_argument("--steps", type=count(2, STEPS_MAX, "one picture and one GIF"), default=10)
     parsers["interpolate"].add_argument("--spherical", action="store_true", help="with --path code: slerp")
-    parsers["interpolate"].add_argument("--path", choices=["prior", "code"],
-                                        help="prior: through the prior's noise; code: a straight line between "
-                                             "codes (default: prior when the bundle's prior is invertible)")
+    parsers["interpolate"].add_argument("--path", choices=["code", "prior"], default="code",
+                                        help="code: a straight line between codes (the default); prior: "
+                                             "through the prior's noise (flow, latent_flow, normal)")
     parsers["vary"].add_argument("--image", required=True, help="image path, train:I, test:I or seed:K")
     parsers["vary"].add_argument("--strength", type=unit_interval, default=0.5,
                                  help="0 = the image's own decoding, 1 = fresh samples")

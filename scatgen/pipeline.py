@@ -6,7 +6,7 @@ the generator and the refinement.
     recons = pipe.decode(codes, refine=0)    # (B, d) → (B, 3, N, N): G(z) alone
     recons = pipe.reconstruct(images)        # G(L S_J x), refined towards S_J x
     samples = pipe.sample(16, seed=0)        # codes from the bundle's prior, decoded and refined
-    path = pipe.interpolate(za, zb, steps=8) # (steps, 3, N, N), through the prior's noise
+    path = pipe.interpolate(za, zb, steps=8) # (steps, 3, N, N); path="prior" goes through its noise
     variations = pipe.vary(image, strength=0.5, n=8)
     pipe.save_pretrained("my-model")         # a bundle in the layout of huggingface_hub's ModelHubMixin
 
@@ -196,11 +196,6 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
                              f"fit one with `python sample.py fit-prior RUN --kind {kind}`")
         return kind, self.priors[kind]
 
-    @property
-    def default_path(self) -> str:
-        """'prior' when the default prior can carry codes to its noise and back, else 'code'."""
-        return "prior" if self.priors[self.default_prior].invertible and self.default_prior != "normal" else "code"
-
     def interpolate_codes(self, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, path: str = "code",
                           spherical: bool = False, prior: str | None = None) -> torch.Tensor:
         """Codes along the paths from a to b ((n, d) each) at weights t (K,) → (n, K, d).
@@ -228,14 +223,13 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         return codes + rest
 
     def interpolate(self, a: torch.Tensor, b: torch.Tensor, steps: int = 8, spherical: bool = False,
-                    refine: int | None = None, known: int | None = None, path: str | None = None,
+                    refine: int | None = None, known: int | None = None, path: str = "code",
                     prior: str | None = None) -> torch.Tensor:
         """Decode `steps` codes from a to b (each (d,), or an image (3, N, N) to encode first)
-        along `path` (see interpolate_codes; None: the default_path, or 'code' with `spherical`);
-        `known` as in decode (the prior's modelled components when an end is a prior's draw)."""
+        along `path` (see interpolate_codes); `known` as in decode (the prior's modelled components
+        when an end is a prior's draw). 'code' is the default: through the prior did not measure
+        better on polygons (benchmarks/README.md)."""
         steps = whole_number(steps, "steps (images along the path, both ends included)", 2)
-        if path is None:
-            path = "code" if spherical else self.default_path
         if spherical and path != "code":
             raise ValueError("spherical=True is a path between codes: use it with path='code'")
         a, b = (check_code_or_image(v, self.d, self.image_size, name) for v, name in ((a, "a"), (b, "b")))

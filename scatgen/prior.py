@@ -4,18 +4,22 @@ The whitening makes the codes white (identity covariance), not Gaussian. For dat
 low-dimensional manifold, such as polygons, most of N(0, I) lies off it, and G maps those
 codes to blobs. A density fitted ex post to the train codes keeps samples on the manifold.
 
-    normal   z ~ N(0, I), the paper's choice; nothing to fit
-    gmm      a Gaussian mixture fitted by EM (the ex-post density of RAE, Ghosh et al. 2020)
-    flow     flow matching (Lipman et al. 2023): an MLP velocity field v(z, t) carries
-             N(0, I) at t = 0 to the codes at t = 1 along straight paths
-             z_t = (1 − t) ε + t z; sampling integrates dz/dt = v with Heun's method
+    normal       z ~ N(0, I), the paper's choice; nothing to fit
+    gmm          a Gaussian mixture fitted by EM (the ex-post density of RAE, Ghosh et al. 2020)
+    flow         flow matching (Lipman et al. 2023): an MLP velocity field v(y, t) carries
+                 N(0, I) at t = 0 to the codes at t = 1 along straight paths
+                 y_t = (1 − t) ε + t y; sampling integrates dy/dt = v with Heun's method
+    latent_flow  two stages: an autoencoder d → k → d on the codes, and a flow on its k-d latent
 
-gmm and flow model the `dims` leading components (largest eigenvalues of the whitening)
-and draw the rest from N(0, I): G's output hardly depends on the trailing components
-(on polygons, replacing all but the leading 64 of 512 by noise leaves the decoded image
-nearly unchanged), and a density in 64 dimensions is learnt from 10k codes where one in
-512 is not. `temperature` scales the noise a prior starts from. A prior is saved as safetensors
-with its settings as JSON metadata; nothing is pickled.
+gmm and flow model the `dims` leading components and draw the rest from N(0, I). latent_flow
+draws all d: refinement sharpens a sample only towards a code that some image has, in every
+component (benchmarks/README.md), so a sample's trailing components must follow its leading ones.
+
+Flows are invertible: `to_noise` carries codes to the noise the discrete sampler starts from
+(solving each Heun step backwards), `from_noise` carries it back, and what the prior cannot
+reproduce of a code is returned as a residual, so the round trip is exact. `vary` mixes a code's
+state with fresh noise part of the way and integrates back. `temperature` scales the starting
+noise. A prior is saved as safetensors with its settings as JSON metadata; nothing is pickled.
 """
 
 from __future__ import annotations

@@ -493,10 +493,11 @@ class Trainer:
             by_prior += [pipe.sample(8, seed=seed, prior=kind)] if refining else []
         save_png(enlarge(grid(torch.cat(by_prior)), factor), self.paths.images / "samples-by-prior.png")
         pairs = min(4, len(codes) // 2)  # >= 1: _check_split_sizes asks for two test images
+        invertible = pipe.priors[pipe.default_prior].invertible
         path = pipe.interpolate_codes(codes[0:2 * pairs:2], codes[1:2 * pairs:2], torch.linspace(0, 1, 10),
-                                      path=pipe.default_path)
+                                      path="prior" if invertible else "code")
         save_png(enlarge(grid(pipe.decode(path.flatten(0, 1)), nrow=10), factor), self.paths.images / "interpolation.png")
-        if pipe.priors[pipe.default_prior].invertible:
+        if invertible:
             # Rows: a test image's decoding, then its variations at strength 0.5.
             rows = [torch.cat([pipe.decode(code[None]), pipe.vary(code, 0.5, n=9, seed=self.cfg.run.seed)])
                     for code in codes[:4]]

@@ -162,11 +162,12 @@ def test_pipeline_vary_and_interpolate_through_the_prior(run_dir):
     assert pipe.vary(code[0], 0.7, n=3, seed=1, refine=0).shape == (3, 3, 32, 32)
     ends = pipe.interpolate_codes(code[:1], code[1:], torch.tensor([0.0, 0.5, 1.0]), path="prior")[0]
     torch.testing.assert_close(ends[[0, 2]], code, atol=1e-4, rtol=1e-4)
-    assert pipe.default_path == "prior"
-    strip = pipe.interpolate(code[0], code[1], steps=4, refine=0)
+    strip = pipe.interpolate(code[0], code[1], steps=4, refine=0, path="prior")
     assert strip.shape == (4, 3, 32, 32)
     with pytest.raises(ValueError, match="path must be 'code'.*or 'prior'.*got 'noise'"):
         pipe.interpolate(code[0], code[1], path="noise")
+    with pytest.raises(ValueError, match="spherical=True is a path between codes"):
+        pipe.interpolate(code[0], code[1], spherical=True, path="prior")
     with pytest.raises(ValueError, match="strength"):
         pipe.vary(code[0], -1.0)
     with pytest.raises(ValueError, match="number of variations"):
@@ -178,3 +179,16 @@ def pipe_test_images(pipe, n):
 
     dataset = load_split(pipe, "test")
     return torch.stack([dataset[i] for i in range(n)])
+
+
+def test_a_prior_without_an_inverse_cannot_interpolate_or_vary(run_dir):
+    generator, whitening, cfg = load_bundle(run_dir)
+    gmm = fit_gmm(torch.randn(64, whitening.d, generator=torch.Generator().manual_seed(0)), components=2)
+    pipe = Pipeline(generator, whitening, cfg, priors={"gmm": gmm})
+    codes = pipe.random_codes(2, prior="gmm")
+    with pytest.raises(ValueError, match="'gmm' prior has no inverse"):
+        pipe.interpolate(codes[0], codes[1], path="prior", prior="gmm", refine=0)
+    with pytest.raises(ValueError, match="'gmm' prior has no inverse"):
+        pipe.vary(codes[0], 0.5, prior="gmm", refine=0)
+    # The straight line needs no inverse.
+    assert pipe.interpolate(codes[0], codes[1], steps=3, refine=0).shape == (3, 3, 32, 32)

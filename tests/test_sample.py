@@ -143,6 +143,10 @@ def test_bad_inputs_give_clear_errors(run_dir, tmp_path):
     (["reconstruct", "--refine", "x"], "expected an integer >= 0, got 'x'"),
     (["sample", "--prior", "vae"], "invalid choice: 'vae'"),
     (["interpolate", "--a", "seed:1", "--b", "seed:2", "--prior", "kde"], "invalid choice: 'kde'"),
+    (["interpolate", "--a", "test:0", "--b", "test:1", "--path", "noise"], "invalid choice: 'noise'"),
+    (["vary", "--image", "test:0", "--strength", "-0.5"], "expected a number in [0, 1]"),
+    (["vary", "--image", "test:0", "--strength", "abc"], "expected a number in [0, 1], got 'abc'"),
+    (["vary", "--image", "test:0", "--n", "0"], "expected an integer >= 1, got 0"),
 ])
 def test_bad_flag_values_are_refused(run_dir, args, message):
     result = run_script("sample.py", args[0], str(run_dir), *args[1:])
@@ -163,3 +167,17 @@ def test_fit_prior_adds_a_prior_that_sampling_can_pick(run_dir, tmp_path):
     result = run_script("sample.py", "sample", str(run), "--prior", "gmm", "--n", "2", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "samples-gmm-refine3-seed0-t1.png").is_file()
+
+
+def test_vary_and_interpolate_through_the_prior_write_pictures(run_dir, tmp_path):
+    result = run_script("sample.py", "vary", str(run_dir), "--image", "test:2", "--strength", "0.4", "--n", "3",
+                        "--refine", "0", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "variations-flow-s0.4-seed0-test2.png").is_file()
+    result = run_script("sample.py", "interpolate", str(run_dir), "--a", "test:0", "--b", "test:1", "--steps", "3",
+                        "--path", "prior", "--refine", "0", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "interpolation-prior-test0-test1.png").is_file()
+    result = run_script("sample.py", "interpolate", str(run_dir), "--a", "test:0", "--b", "test:1", "--path", "prior",
+                        "--spherical", "--out", str(tmp_path))
+    assert result.returncode == 1 and "use it with path='code'" in result.stderr and "Traceback" not in result.stderr
