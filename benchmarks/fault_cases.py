@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--data.num_train=256", "--data.num_test=64", "--encoder.L=4", "--whitening.d=32",
         "--train.batch_size=32", "--train.max_steps=30", "--train.max_minutes=0", "--train.eval_every=10",
         "--train.checkpoint_every=10", "--train.warmup_steps=2", "--train.eval_images=32",
-        "--prior.fit_steps=40", "--refine.steps=2"]
+        "--prior.fit_steps=40", "--prior.latent=8", "--prior.autoencoder_steps=40", "--refine.steps=2"]
 CONFIG = "configs/polygons.yaml"
 
 

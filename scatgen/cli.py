@@ -103,7 +103,7 @@ def train(argv: list[str], usage: str = __doc__, use_command: str = "scatgen") -
         print(f"test PSNR {metrics['test/psnr']:.2f} dB after {metrics['steps']} steps "
               f"({metrics['minutes']:.1f} min)")
         print(f"bundle:   {trainer.paths.model}")
-        print(f"pictures: {trainer.paths.images}/{{reconstructions,samples,samples-by-prior,interpolation}}.png")
+        print(f"pictures: {trainer.paths.images}/{{reconstructions,samples,samples-by-prior,interpolation,variations}}.png")
         print(f"logs:     tensorboard --logdir {trainer.paths.logs}")
         root = trainer.paths.root
         also = "" if use_command == "scatgen" else f", or scatgen evaluate {root}"
