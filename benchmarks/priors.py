@@ -34,7 +34,7 @@ import scatgen  # noqa: E402
 from scatgen.bundle import add_prior, find_bundle  # noqa: E402
 from scatgen.codes import encode_split  # noqa: E402
 from scatgen.config import with_overrides  # noqa: E402
-from scatgen.evaluation import _stack, cpu_or_gpu_name, load_split  # noqa: E402
+from scatgen.evaluation import _stack, _timed as timed, cpu_or_gpu_name, load_split  # noqa: E402
 from scatgen.metrics import (compute_features, fid_from_features, load_inception, memorisation_report,  # noqa: E402
                              precision_recall)
 from scatgen.pictures import to_unit  # noqa: E402
@@ -97,11 +97,6 @@ def main() -> None:
         print(format_row(row), flush=True)
         return row
 
-    def timed(fn, *a, **kw):
-        tic = time.perf_counter()
-        out = fn(*a, **kw)
-        return out, time.perf_counter() - tic
-
     ceiling_images, seconds = timed(pipe.decode, test_codes, refine=args.refine)
     ceiling = measure("ceiling: test codes, refined", ceiling_images, seconds)
     recons_images, seconds = timed(pipe.reconstruct, real, refine=args.refine)
@@ -113,7 +108,7 @@ def main() -> None:
         measure(f"{kind}, G", raw, seconds + more, ceiling, recons, pipe.decode(test_codes, refine=0))
         refined, more = timed(pipe.decode, codes, refine=args.refine, known=prior.modelled)
         measure(f"{kind}, refined", refined, seconds + more, ceiling, recons, ceiling_images)
-        if hasattr(prior, "project"):
+        if prior.kind == "latent_flow":
             projected, seconds = timed(pipe.decode, prior.project(test_codes), refine=args.refine)
             measure(f"{kind}, test codes through its autoencoder, refined", projected, seconds, ceiling, recons)
     if not args.no_interpolation:

@@ -126,6 +126,14 @@ def positive_number(value: Any, name: str) -> float:
     return number
 
 
+def check_strength(strength: Any) -> float:
+    """A variation strength: a number in [0, 1] (0 = the image itself, 1 = a fresh sample)."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+        raise ValueError(f"variation strength must be a number in [0, 1] (0 = the image itself, "
+                         f"1 = a fresh sample), got {strength!r}")
+    return float(strength)
+
+
 def check_known(known: Any, d: int) -> int | None:
     """None (all d components) or a count in [0, d] of the leading code components refinement targets."""
     if known is None:

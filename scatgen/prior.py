@@ -34,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from scatgen.checks import check_strength
 from scatgen.config import PriorConfig
 from scatgen.utils import atomic_path, progress_bar
 
@@ -316,17 +317,23 @@ class FlowPrior(CodePrior):
         the codes; 1 is a fresh sample. What the flow does not reproduce of a code (its
         residual) is kept in proportion 1 − strength."""
         strength = check_strength(strength)
-        self.eval()
         codes = codes.float()
-        state = self.codes_to_state(codes.to(self._device()))
-        residual = codes - self.state_to_codes(state).cpu()
-        t = 1.0 - strength
         if strength == 0:
             return codes.clone()
+        self.eval()
+        t = 1.0 - strength
+        state = self.codes_to_state(codes.to(self._device()))
         noise = torch.randn(state.shape, generator=torch.Generator().manual_seed(seed)).to(state.device)
         steps = max(1, math.ceil(self.sample_steps * strength))
         varied = integrate(self.velocity, t * state + (1 - t) * noise, t, 1.0, steps)
-        return self.state_to_codes(varied).cpu() + t * residual
+        return self.state_to_codes(varied).cpu() + t * (codes - self.project(codes))
+
+    @torch.no_grad()
+    def project(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (n, d) as the flow's state represents them (the leading components; for
+        latent_flow, the autoencoder's reconstruction): how well the prior's surface fits them."""
+        self.eval()
+        return self.state_to_codes(self.codes_to_state(codes.float().to(self._device()))).cpu()
 
 
 class LatentFlowPrior(FlowPrior):
@@ -358,19 +365,6 @@ class LatentFlowPrior(FlowPrior):
 
     def state_to_codes(self, state: torch.Tensor) -> torch.Tensor:
         return self.decoder(state * self.latent_std + self.latent_mean)
-
-    @torch.no_grad()
-    def project(self, codes: torch.Tensor) -> torch.Tensor:
-        """The autoencoder's reconstruction of codes (n, d): how well the prior's surface fits them."""
-        self.eval()
-        return self.state_to_codes(self.codes_to_state(codes.float().to(self._device()))).cpu()
-
-
-def check_strength(strength: float) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
-        raise ValueError(f"variation strength must be a number in [0, 1] (0 = the image itself, "
-                         f"1 = a fresh sample), got {strength!r}")
-    return float(strength)
 
 
 def train_velocity(velocity: VelocityField, data: torch.Tensor, cfg: PriorConfig, generator: torch.Generator,

@@ -498,10 +498,12 @@ class Trainer:
                                       path="prior" if invertible else "code")
         save_png(enlarge(grid(pipe.decode(path.flatten(0, 1)), nrow=10), factor), self.paths.images / "interpolation.png")
         if invertible:
-            # Rows: a test image's decoding, then its variations at strength 0.5.
-            rows = [torch.cat([pipe.decode(code[None]), pipe.vary(code, 0.5, n=9, seed=self.cfg.run.seed)])
-                    for code in codes[:4]]
-            save_png(enlarge(grid(torch.cat(rows), nrow=10), factor), self.paths.images / "variations.png")
+            # Rows: a test image's decoding, then its variations at strength 0.5; one decode for all,
+            # as refinement does each image on its own whatever its batch.
+            prior = pipe.priors[pipe.default_prior]
+            rows = torch.cat([torch.cat([code[None], prior.vary(code[None].expand(9, -1), 0.5, self.cfg.run.seed)])
+                              for code in codes[:4]])
+            save_png(enlarge(grid(pipe.decode(rows), nrow=10), factor), self.paths.images / "variations.png")
         generator.train()
 
     # -- the loop ----------------------------------------------------------------------------------
