@@ -1,24 +1,29 @@
 """Throughput and peak memory: kymatio ScatteringTorch2D vs scatgen FastScattering2D.
 
-    python benchmarks/scattering.py                   # CPU, sizes 64 128, batches 16 64 128
-    python benchmarks/scattering.py --quick           # one short configuration
+    python benchmarks/scattering.py                   # CPU, sizes 64 128, batches 16 64: a few minutes on 2 cores
+    python benchmarks/scattering.py --quick           # size 64, batch 16
     python benchmarks/scattering.py --device cuda     # GPU, plus TF32 / bf16 variants
     python benchmarks/scattering.py --backward --sizes 64 --batches 64   # also forward + backward
+    python benchmarks/scattering.py --repeats 9 --threads 1               # steadier on a shared machine
 
-Input (B, 3, N, N), J=4, L=8 (as used by scatgen). Every (backend, size, batch) runs
-in a fresh subprocess, so CPU peak memory is that process's ru_maxrss (reported as
-growth over the RSS before the first forward); on GPU it is the growth of
-torch.cuda.max_memory_allocated. Throughput: images/s (one image = 3 maps), median
-of --repeats timed forwards after one warm-up forward, under torch.no_grad().
+Input (B, 3, N, N), J=4, L=8 (as used by scatgen), both backends at the same batch. Each
+(size, batch) starts one process per measured variant: kymatio and fast forward, and with
+--backward forward plus backward of ‖S x‖² with respect to the images (what every refinement
+step costs) for kymatio, for the fast backend through plain autograd (custom_backward=False)
+and for its hand-written backward. Each process builds its module and runs one untimed
+full-batch call (allocator, FFT plans); then the driver asks them in turn for one timed call
+each, kymatio, fast, kymatio, fast, ..., --repeats rounds, so that a stall or a busy neighbour
+hits one sample of one variant rather than a whole measurement, and a machine that changes
+speed slows every variant alike. Throughput: images/s (one image = 3 maps) of the median call,
+under torch.no_grad() for forwards; spread: (max − min) / median of the calls, flagged above
+20%. Ratios are fast / kymatio of the medians. CPU peak memory is each process's ru_maxrss,
+reported as growth over the RSS before the first call; on GPU it is the growth of
+torch.cuda.max_memory_allocated.
 
---backward adds, in the same run, forward plus backward of ‖S x‖² with respect to the
-images (what every refinement step costs) for kymatio, for the fast backend through
-plain autograd (custom_backward=False) and for its hand-written backward, with the
-ratios to kymatio's forward plus backward.
-
-kymatio is several times slower than the fast path on CPU, so there it is timed on a
-sub-batch of --kymatio-max-batch images (its cost is linear in the batch: every op is
-batched) and the table says so.
+kymatio is several times slower than the fast path on CPU (about 5 s a call at 128², batch 64
+on 2 cores, by the figures in benchmarks/README.md), so batch 128 left the defaults;
+--kymatio-max-batch caps its batch (its cost is linear in the batch: every op is batched) and
+the tables say so where it applies.
 """
 
 from __future__ import annotations
@@ -58,7 +63,9 @@ def _build(backend: str, J: int, L: int, size: int, cache_dir: str):
     return FastScattering2D(J, (size, size), L, cache_dir=cache_dir, custom_backward=backend != "fast-autograd")
 
 
-def worker(a: argparse.Namespace) -> dict:
+def worker(a: argparse.Namespace) -> None:
+    """Build, warm up with one full-batch call and say so; then answer each line on stdin with a
+    JSON line: 'time' (seconds of one call) or 'finish' (peak memory and the rest; then exit)."""
     import torch
 
     if a.threads:
@@ -94,33 +101,33 @@ def worker(a: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         mem0 = torch.cuda.memory_allocated()
-    run(x[: a.warmup_batch] if a.warmup_batch else x)  # warm-up (allocator, FFT plans)
-    times = []
-    for _ in range(a.repeats):
-        t = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - t)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - mem0
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
-    result = {
-        "images_per_s": a.batch / statistics.median(times),
-        "times": times,
-        "peak_mem_bytes": max(peak, 0),
-        "build_s": build_s,
-        "threads": torch.get_num_threads(),
-    }
-    if a.check_error:
-        # Max relative error vs float32 kymatio on the same device, on a few images.
-        ref = _build("kymatio", a.J, a.L, a.size, a.cache_dir).to(device)
-        xs = x[:4]
-        with torch.no_grad():
-            r = ref(xs).float()
-        o = run(xs).float()
-        result["max_rel_err"] = ((o - r).abs().max() / r.abs().max()).item()
-        result["norm_rel_err"] = ((o - r).norm() / r.norm()).item()
-    return result
+    t = time.perf_counter()
+    run(x)  # warm-up: the allocator reaches its full-batch size, FFT plans are made
+    print(json.dumps({"ready": True, "warmup_s": time.perf_counter() - t}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "time":
+            t = time.perf_counter()
+            run(x)
+            print(json.dumps({"s": time.perf_counter() - t}), flush=True)
+            continue
+        if line.strip() != "finish":
+            raise SystemExit(f"unknown command {line.strip()!r}")
+        if cuda:
+            peak = torch.cuda.max_memory_allocated() - mem0
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+        result = {"peak_mem_bytes": max(peak, 0), "build_s": build_s, "threads": torch.get_num_threads()}
+        if a.check_error:
+            # Max relative error vs float32 kymatio on the same device, on a few images.
+            ref = _build("kymatio", a.J, a.L, a.size, a.cache_dir).to(device)
+            xs = x[:4]
+            with torch.no_grad():
+                r = ref(xs).float()
+            o = run(xs).float()
+            result["max_rel_err"] = ((o - r).abs().max() / r.abs().max()).item()
+            result["norm_rel_err"] = ((o - r).norm() / r.norm()).item()
+        print(json.dumps(result), flush=True)
+        return
 
 
 # ----------------------------------------------------------------------------- driver
@@ -143,35 +150,117 @@ def machine_info(device: str) -> str:
     return "\n".join(lines)
 
 
-def run_worker(args: argparse.Namespace, **kw) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker"]
-    opts = dict(device=args.device, J=args.J, L=args.L, cache_dir=args.cache_dir, variant="fp32", warmup_batch=0,
-                threads=args.threads, backward=False)
-    opts.update(kw)
-    for k, v in opts.items():
-        if isinstance(v, bool):
-            cmd += [f"--{k.replace('_', '-')}"] if v else []
-        else:
-            cmd += [f"--{k.replace('_', '-')}", str(v)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+SPREAD_FLAG = 0.2  # (max − min) / median above this: a stall or a neighbour moved the figure
+
+
+class Worker:
+    """One measured variant in its own process, asked for one timed call at a time."""
+
+    def __init__(self, args: argparse.Namespace, label: str, **kw) -> None:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker"]
+        opts = dict(device=args.device, J=args.J, L=args.L, cache_dir=args.cache_dir, variant="fp32",
+                    threads=args.threads, backward=False, check_error=False)
+        opts.update(kw)
+        for k, v in opts.items():
+            if isinstance(v, bool):
+                cmd += [f"--{k.replace('_', '-')}"] if v else []
+            else:
+                cmd += [f"--{k.replace('_', '-')}", str(v)]
+        self.label, self.batch, self.cmd, self.times = label, opts["batch"], cmd, []
+        self.errors = tempfile.TemporaryFile("w+")  # a file: a full pipe would block the worker
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
+                                     text=True)
+
+    def ask(self, command: str | None = None) -> dict:
+        if command is not None:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.errors.seek(0)
+            raise RuntimeError(f"worker {self.label} failed (status {self.proc.returncode}): {' '.join(self.cmd)}\n"
+                               f"{self.errors.read()[-3000:]}")
+        return json.loads(line)
+
+    def time_one(self) -> None:
+        self.times.append(self.ask("time")["s"])
+
+    def finish(self) -> dict:
+        result = self.ask("finish")
+        self.close()
+        ips = [self.batch / t for t in self.times]
+        median = statistics.median(ips)
+        result.update(times=self.times, images_per_s=median, spread=(max(ips) - min(ips)) / median,
+                      batch=self.batch)
+        return result
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.errors.close()
+
+
+def measure_group(workers: dict[str, Worker], repeats: dict[str, int], optional: set[str]) -> dict[str, dict]:
+    """Interleaved timing: every worker warms up, then each round times one call of each in turn.
+    A worker in `optional` that fails is reported and left out; any other failure raises."""
+    results: dict[str, dict] = {}
+    live = dict(workers)
+    try:
+        def drop_or_raise(key: str, error: RuntimeError) -> None:
+            if key not in optional:
+                raise error
+            print(f"  {key} failed: {str(error)[-500:]}", file=sys.stderr)
+            live.pop(key).close()
+
+        for key, w in list(live.items()):  # they built and warmed up at the same time (untimed)
+            try:
+                w.ask()
+            except RuntimeError as e:
+                drop_or_raise(key, e)
+        for r in range(max(repeats.values())):
+            for key, w in list(live.items()):
+                if r < repeats[key]:
+                    try:
+                        w.time_one()
+                    except RuntimeError as e:
+                        drop_or_raise(key, e)
+        for key, w in live.items():
+            results[key] = w.finish()
+    finally:
+        for w in workers.values():
+            w.close()
+    return results
+
+
+def cell(r: dict | None, sub: str = "") -> str:
+    """'images/s (spread)', '!' where the spread is above SPREAD_FLAG."""
+    if not r:
+        return "-"
+    flag = "!" if r["spread"] > SPREAD_FLAG else ""
+    return f"{r['images_per_s']:.2f} ({r['spread']:.0%}{flag}){sub}"
+
+
+def ratio(a: dict | None, b: dict | None) -> str:
+    return f"{a['images_per_s'] / b['images_per_s']:.1f}x" if a and b else "-"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--batches", type=int, nargs="+", default=[16, 64, 128])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batches", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per variant, interleaved (at least 5 to "
+                   "trust the spread)")
     p.add_argument("--J", type=int, default=4)
     p.add_argument("--L", type=int, default=8)
-    p.add_argument("--kymatio-max-batch", type=int, default=None, help="CPU default 16; CUDA default: no cap")
-    p.add_argument("--kymatio-repeats", type=int, default=None, help="CPU default 2")
+    p.add_argument("--kymatio-max-batch", type=int, default=None,
+                   help="cap kymatio's batch to save time (default: the same batch as fast)")
+    p.add_argument("--kymatio-repeats", type=int, default=None, help="default: --repeats")
     p.add_argument("--no-kymatio", action="store_true")
     p.add_argument("--no-lowp", action="store_true", help="CUDA: skip the TF32 / bf16 variants")
-    p.add_argument("--quick", action="store_true", help="size 64, batch 16, 1 repeat")
+    p.add_argument("--quick", action="store_true", help="size 64, batch 16 only")
     p.add_argument("--backward", action="store_true",
                    help="also time forward plus backward: kymatio, fast (autograd), fast (custom backward)")
     p.add_argument("--threads", type=int, default=0,
@@ -184,79 +273,96 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=16, help=argparse.SUPPRESS)
     p.add_argument("--variant", default="fp32", help=argparse.SUPPRESS)
-    p.add_argument("--warmup-batch", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--check-error", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.worker:
-        print(json.dumps(worker(args)))
+        worker(args)
         return
 
     cuda = args.device.startswith("cuda")
     if args.quick:
-        args.sizes, args.batches, args.repeats = [64], [16], 1
-    kmax = args.kymatio_max_batch or (None if cuda else (4 if args.quick else 16))
-    krep = args.kymatio_repeats or (args.repeats if cuda else min(args.repeats, 2))
+        args.sizes, args.batches = [64], [16]
+    krep = args.kymatio_repeats or args.repeats
+    if min(args.repeats, krep) < 1 or min(args.batches) < 1 or (args.kymatio_max_batch or 1) < 1:
+        p.error("--repeats, --kymatio-repeats, --batches and --kymatio-max-batch must be >= 1")
+    kmax = args.kymatio_max_batch
 
     print(machine_info(args.device))
     if args.threads:
         print(f"workers use torch.set_num_threads({args.threads})")
-    print(f"forward{' and forward + backward' if args.backward else ''}, "
-          f"J={args.J}, L={args.L}, input (B, 3, N, N) float32, device {args.device}, "
-          f"median of {args.repeats} (kymatio: {krep}) after a warm-up\n", flush=True)
+    print(f"forward{' and forward + backward' if args.backward else ''}, J={args.J}, L={args.L}, input (B, 3, N, N) "
+          f"float32, device {args.device}; median of {args.repeats} calls per variant (kymatio: {krep}), "
+          f"interleaved, after one full-batch warm-up; (spread) = (max − min) / median, ! above "
+          f"{SPREAD_FLAG:.0%}")
+    if kmax and not args.no_kymatio and max(args.batches) > kmax:
+        print(f"kymatio is timed at batch {kmax} where B is larger (--kymatio-max-batch, to save time: its "
+              f"cost is linear in the batch); the tables say where")
+    if min(args.repeats, krep) < 5:
+        print("note: fewer than 5 calls per variant: the spread is a weak check")
+    print(flush=True)
 
     rows, bwd_rows = [], []
     for size in args.sizes:
-        kym_cache: dict[tuple[int, bool], dict] = {}
         for batch in args.batches:
             kb = min(batch, kmax) if kmax else batch
-            for backward in (False, True) if args.backward else (False,):
-                if not args.no_kymatio and (kb, backward) not in kym_cache:
-                    kym_cache[kb, backward] = run_worker(args, backend="kymatio", size=size, batch=kb, repeats=krep,
-                                                         warmup_batch=1 if not cuda else 0, backward=backward)
-            fast = run_worker(args, backend="fast", size=size, batch=batch, repeats=args.repeats)
-            kym = kym_cache.get((kb, False))
-            rows.append((size, batch, "fp32", kb, kym, fast))
+            specs: dict[str, dict] = {}  # in the order they are timed in each round
+            if not args.no_kymatio:
+                specs["kymatio"] = dict(backend="kymatio", batch=kb)
+            specs["fast"] = dict(backend="fast", batch=batch)
             if args.backward:
-                plain = run_worker(args, backend="fast-autograd", size=size, batch=batch, repeats=args.repeats,
-                                   backward=True)
-                custom = run_worker(args, backend="fast", size=size, batch=batch, repeats=args.repeats,
-                                    backward=True)
-                bwd_rows.append((size, batch, kb, kym, fast, kym_cache.get((kb, True)), plain, custom))
-            if cuda and not args.no_lowp:
-                for variant in ("tf32", "bf16"):
-                    try:
-                        res = run_worker(args, backend="fast", size=size, batch=batch, repeats=args.repeats,
-                                         variant=variant, check_error=True)
-                    except RuntimeError as e:  # report and go on with the other rows
-                        print(f"  {variant} failed: {str(e)[-500:]}", file=sys.stderr)
-                        continue
-                    rows.append((size, batch, variant, kb, kym, res))
+                if not args.no_kymatio:
+                    specs["kymatio f+b"] = dict(backend="kymatio", batch=kb, backward=True)
+                specs["fast f+b autograd"] = dict(backend="fast-autograd", batch=batch, backward=True)
+                specs["fast f+b custom"] = dict(backend="fast", batch=batch, backward=True)
+            lowp = ("tf32", "bf16") if cuda and not args.no_lowp else ()
+            for variant in lowp:
+                specs[variant] = dict(backend="fast", batch=batch, variant=variant, check_error=True)
+            workers = {}
+            try:
+                for key, spec in specs.items():
+                    workers[key] = Worker(args, f"{key} N={size} B={spec['batch']}", size=size, **spec)
+            except BaseException:
+                for w in workers.values():
+                    w.close()
+                raise
+            res = measure_group(workers, {k: krep if k.startswith("kymatio") else args.repeats for k in specs},
+                                optional=set(lowp))
+            kym = res.get("kymatio")
+            rows.append((size, batch, "fp32", kb, kym, res["fast"]))
+            if args.backward:
+                bwd_rows.append((size, batch, kb, kym, res["fast"], res.get("kymatio f+b"), res["fast f+b autograd"],
+                                 res["fast f+b custom"]))
+            rows += [(size, batch, v, kb, kym, res[v]) for v in lowp if v in res]
             print(f"  done N={size} B={batch}", file=sys.stderr, flush=True)
 
     mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
     mem = "GPU peak alloc (MiB)" if cuda else "peak RSS growth (MiB)"
+    flagged = {id(r): r for row in rows for r in row[4:] if r and r["spread"] > SPREAD_FLAG}
+    print("images/s of the median call (spread); ratios fast / kymatio of the medians\n")
     print(f"| N | B | variant | kymatio img/s | fast img/s | fast / kymatio | kymatio {mem} | fast {mem} | max rel err |")
     print("|---|---|---|---|---|---|---|---|---|")
     for size, batch, variant, kb, kym, fast in rows:
-        k_ips = f"{kym['images_per_s']:.2f}" + (f" (B={kb})" if kb != batch else "") if kym else "-"
-        ratio = f"{fast['images_per_s'] / kym['images_per_s']:.1f}x" if kym else "-"
+        sub = f", B={kb}" if kym and kb != batch else ""
         err = f"{fast['max_rel_err']:.1e}" if "max_rel_err" in fast else "-"
-        print(f"| {size} | {batch} | {variant} | {k_ips} | {fast['images_per_s']:.1f} | {ratio} | "
-              f"{mib(kym['peak_mem_bytes']) + (f' (B={kb})' if kb != batch else '') if kym else '-'} | "
-              f"{mib(fast['peak_mem_bytes'])} | {err} |")
+        print(f"| {size} | {batch} | {variant} | {cell(kym, sub)} | {cell(fast)} | {ratio(fast, kym)} | "
+              f"{mib(kym['peak_mem_bytes']) + sub if kym else '-'} | {mib(fast['peak_mem_bytes'])} | {err} |")
     if bwd_rows:
-        print("\nForward (fwd) and forward + backward (f+b) of ‖S x‖², images/s; ratios to kymatio in this run:")
+        print("\nForward (fwd) and forward + backward (f+b) of ‖S x‖², images/s (spread); ratios fast / kymatio:")
         print("| N | B | kymatio fwd | fast fwd | fwd ratio | kymatio f+b | fast f+b autograd | fast f+b custom | "
               "autograd ratio | custom ratio | autograd f+b " + mem + " | custom f+b " + mem + " |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for size, batch, kb, kym, fast, kym_b, plain, custom in bwd_rows:
-            ips = lambda r: f"{r['images_per_s']:.2f}" if r else "-"  # noqa: E731
-            ratio = lambda a, b: f"{a['images_per_s'] / b['images_per_s']:.1f}x" if a and b else "-"  # noqa: E731
-            sub = f" (B={kb})" if kb != batch else ""
-            print(f"| {size} | {batch} | {ips(kym)}{sub if kym else ''} | {ips(fast)} | {ratio(fast, kym)} | "
-                  f"{ips(kym_b)}{sub if kym_b else ''} | {ips(plain)} | {ips(custom)} | {ratio(plain, kym_b)} | "
+            sub = f", B={kb}" if kb != batch else ""
+            flagged.update({id(r): r for r in (kym_b, plain, custom) if r and r["spread"] > SPREAD_FLAG})
+            print(f"| {size} | {batch} | {cell(kym, sub)} | {cell(fast)} | {ratio(fast, kym)} | "
+                  f"{cell(kym_b, sub)} | {cell(plain)} | {cell(custom)} | {ratio(plain, kym_b)} | "
                   f"{ratio(custom, kym_b)} | {mib(plain['peak_mem_bytes'])} | {mib(custom['peak_mem_bytes'])} |")
+    if flagged:
+        print(f"\n! {len(flagged)} measurement(s) spread above {SPREAD_FLAG:.0%}: something else took the processor "
+              f"during some calls; rerun on a quiet machine, raise --repeats, or try --threads 1")
+    else:
+        print(f"\nevery measurement spread at most {SPREAD_FLAG:.0%}")
     if cuda and not args.no_lowp:
         print("\nLow-precision variants are recommended only where max rel err <= 1e-3:")
         for size, batch, variant, _, _, fast in rows:
