@@ -169,8 +169,10 @@ def worker(kind: str, smoke: bool, forever: bool) -> None:
         info["threads"] = torch.get_num_threads()
     print(json.dumps(info), flush=True)
     if forever:
-        while True:
+        parent = os.getppid()
+        while os.getppid() == parent:  # a neighbour must not outlive a driver killed without clean-up
             work()
+        return
     for line in sys.stdin:
         command = line.split()
         if command == ["warm"]:
@@ -368,6 +370,8 @@ def main() -> None:
         args.seconds, args.rounds = 0.3, 1
     variants = args.variants or (["before", "after"] if args.smoke else list(VARIANTS))
 
+    # SIGTERM (timeout, kill) unwinds like Ctrl-C, so that the neighbours are stopped too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     load, tic = os.getloadavg(), time.perf_counter()  # before this run adds to the load
     procs = start_variant(variants[0], args.workloads, args.smoke)  # starts up while the driver looks around
     try:

@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -280,6 +281,8 @@ def main() -> None:
         worker(args)
         return
 
+    # SIGTERM (timeout, kill) unwinds like Ctrl-C, so that the workers are stopped too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     cuda = args.device.startswith("cuda")
     if args.quick:
         args.sizes, args.batches = [64], [16]
