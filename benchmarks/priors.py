@@ -62,7 +62,8 @@ def main() -> None:
         codes = encode_split(pipe.cfg, "train", pipe.scattering, pipe.whitening, pipe.device).codes
         for kind in args.fit:
             tic = time.perf_counter()
-            prior = fit_prior(codes, replace(cfg.prior, kind=kind), seed=pipe.cfg.run.seed, progress=True)
+            prior = fit_prior(codes, replace(cfg.prior, kind=kind), seed=pipe.cfg.run.seed, progress=True,
+                              eigenvalues=pipe.whitening.eigenvalues.cpu())
             fit_seconds[kind] = time.perf_counter() - tic
             add_prior(args.run, prior)
         pipe = scatgen.load(args.run)

@@ -14,6 +14,10 @@ codes to blobs. A density fitted ex post to the train codes keeps samples on the
 gmm and flow model the `dims` leading components and draw the rest from N(0, I). latent_flow
 draws all d: refinement sharpens a sample only towards a code that some image has, in every
 component (benchmarks/README.md), so a sample's trailing components must follow its leading ones.
+Its autoencoder weighs component k's squared error by λ_k^γ (γ = prior.code_weighting, λ the
+whitening's eigenvalues): refinement weighs a whitened error by a power of λ too, so the
+autoencoder spends its capacity where an error costs the refined image most, not evenly over
+directions the whitening has made equal.
 
 Flows are invertible: `to_noise` carries codes to the noise the discrete sampler starts from
 (solving each Heun step backwards), `from_noise` carries it back, and what the prior cannot
@@ -419,12 +423,29 @@ def fit_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device: torch
 LATENT_NOISE = 0.1
 
 
+def code_weights(eigenvalues: torch.Tensor | None, gamma: float) -> torch.Tensor | None:
+    """Per-component loss weights λ_k^γ / mean(λ^γ) for eigenvalues (d,); None where γ = 0."""
+    if gamma == 0:
+        return None
+    if eigenvalues is None:
+        raise ValueError(f"prior.code_weighting={gamma} weighs the codes by the whitening's eigenvalues, and none "
+                         f"were given; pass eigenvalues=whitening.eigenvalues, or set prior.code_weighting=0")
+    if eigenvalues.ndim != 1 or not bool((eigenvalues > 0).all()):
+        raise ValueError(f"eigenvalues must be a positive vector (d,), got shape {tuple(eigenvalues.shape)}")
+    weights = eigenvalues.double().pow(gamma)
+    return (weights / weights.mean()).float()
+
+
 def fit_latent_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device: torch.device | str = "cpu",
-                    progress: bool = False) -> LatentFlowPrior:
+                    progress: bool = False, eigenvalues: torch.Tensor | None = None) -> LatentFlowPrior:
     """Two stages on codes (n, d): an autoencoder d → cfg.latent → d (cfg.autoencoder_steps of
-    Adam on the squared error, with noise on the latents), then flow matching on its standardised
-    latents (cfg.fit_steps)."""
+    Adam on the squared error weighted by code_weights(eigenvalues, cfg.code_weighting), with
+    noise on the latents), then flow matching on its standardised latents (cfg.fit_steps)."""
     n, d = codes.shape
+    weights = code_weights(eigenvalues, cfg.code_weighting)
+    if weights is not None and len(weights) != d:
+        raise ValueError(f"{len(weights)} eigenvalues for codes of d={d}: pass the whitening's that made the codes")
+    weights = torch.ones(d) if weights is None else weights
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -442,7 +463,7 @@ def fit_latent_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device
         # noise by growing its latents.
         spread = latent.detach().std(0, keepdim=True).clamp_min(1e-6)
         noisy = latent + LATENT_NOISE * spread * torch.randn(latent.shape, generator=generator).to(device)
-        step(opt, schedule, (prior.decoder(noisy) - z).square().mean(), cfg.lr)
+        step(opt, schedule, ((prior.decoder(noisy) - z).square() * weights.to(device)).mean(), cfg.lr)
     prior.eval()
     with torch.no_grad():
         latents = torch.cat([prior.encoder(chunk.to(device)) for chunk in codes.split(4096)])
@@ -454,8 +475,9 @@ def fit_latent_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device
 
 
 def fit_prior(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device: torch.device | str = "cpu",
-              progress: bool = False) -> CodePrior:
-    """The prior of kind cfg.kind fitted on train codes (n, d)."""
+              progress: bool = False, eigenvalues: torch.Tensor | None = None) -> CodePrior:
+    """The prior of kind cfg.kind fitted on train codes (n, d); latent_flow also takes the
+    whitening's eigenvalues (d,) when cfg.code_weighting > 0."""
     if codes.ndim != 2 or len(codes) < 2:
         raise ValueError(f"a prior is fitted on codes of shape (n >= 2, d), got {tuple(codes.shape)}")
     if cfg.kind == "normal":
@@ -466,7 +488,7 @@ def fit_prior(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device: torc
     if cfg.kind == "flow":
         return fit_flow(codes, cfg, seed=seed, device=device, progress=progress)
     if cfg.kind == "latent_flow":
-        return fit_latent_flow(codes, cfg, seed=seed, device=device, progress=progress)
+        return fit_latent_flow(codes, cfg, seed=seed, device=device, progress=progress, eigenvalues=eigenvalues)
     raise ValueError(f"unknown prior kind {cfg.kind!r}; expected one of {', '.join(PRIOR_KINDS)}")
 
 

@@ -466,7 +466,8 @@ class Trainer:
         if self.cfg.prior.kind == "normal":
             return None
         return fit_prior(self.codesets["train"].codes, self.cfg.prior, seed=self.cfg.run.seed,
-                         device=self.accelerator.device, progress=self.progress)
+                         device=self.accelerator.device, progress=self.progress,
+                         eigenvalues=self.whitening.eigenvalues.cpu())
 
     def save_pictures(self, priors: dict[str, CodePrior]) -> None:
         """The pictures a user looks at first, enlarged ×4 below 64²: reconstructions (rows of

@@ -23,6 +23,8 @@ def test_unknown_key_names_the_closest_valid_one():
 def test_bad_values_are_rejected():
     with pytest.raises(ValueError, match="expected a value of type int"):
         load_config(None, {"train.batch_size": "many"})
+    with pytest.raises(ValueError, match=r"prior.code_weighting=-1.0 must be a number in \[0, 2\]"):
+        load_config(None, {"prior.code_weighting": "-1"})
     with pytest.raises(ValueError, match="expected one of l1, l2"):
         load_config(None, {"train.loss": "huber"})
     with pytest.raises(ValueError, match="multiple of 2\\^J"):

@@ -39,7 +39,7 @@ def test_flow_prior_learns_a_shifted_scaled_gaussian():
 def test_prior_save_load_roundtrip_and_seeding(tmp_path, kind):
     cfg = PriorConfig(kind=kind, components=2, width=32, depth=1, fit_steps=20, sample_steps=4, latent=2,
                       autoencoder_steps=20)
-    prior = fit_prior(two_clusters(n=300), cfg, seed=0)
+    prior = fit_prior(two_clusters(n=300), cfg, seed=0, eigenvalues=torch.tensor([2.0, 1.0, 0.1]))
     path = save_prior(prior, tmp_path / f"{kind}.safetensors")
     loaded = load_prior(path)
     assert type(loaded) is type(prior)
@@ -101,7 +101,8 @@ def curved_codes(n=3000, seed=0):
 @pytest.fixture(scope="module")
 def fitted_flows():
     codes = curved_codes()
-    common = dict(width=64, depth=2, fit_steps=600, lr=3e-3, sample_steps=16, latent=4, autoencoder_steps=600)
+    common = dict(width=64, depth=2, fit_steps=600, lr=3e-3, sample_steps=16, latent=4, autoencoder_steps=600,
+                  code_weighting=0.0)
     return codes, {kind: fit_prior(codes, PriorConfig(kind=kind, **common), seed=0) for kind in ("flow", "latent_flow")}
 
 
@@ -192,3 +193,27 @@ def test_a_prior_without_an_inverse_cannot_interpolate_or_vary(run_dir):
         pipe.vary(codes[0], 0.5, prior="gmm", refine=0)
     # The straight line needs no inverse.
     assert pipe.interpolate(codes[0], codes[1], steps=3, refine=0).shape == (3, 3, 32, 32)
+
+
+def test_code_weighting_spends_the_autoencoder_on_the_heavy_components():
+    # Independent components cannot all pass a 2-d latent: the unweighted autoencoder shares it out
+    # over all 8, the weighted one keeps the two components with large eigenvalues.
+    codes = torch.randn(3000, 8, generator=torch.Generator().manual_seed(0))
+    eigenvalues = torch.tensor([4.0, 4.0, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3])
+    errors = {}
+    for gamma in (0.0, 0.5):
+        cfg = PriorConfig(kind="latent_flow", width=64, depth=2, fit_steps=5, latent=2, autoencoder_steps=400,
+                          lr=3e-3, code_weighting=gamma)
+        prior = fit_prior(codes, cfg, seed=0, eigenvalues=eigenvalues)
+        errors[gamma] = (prior.project(codes[:500]) - codes[:500])[:, :2].square().mean().item()
+    assert errors[0.5] < 0.5 * errors[0.0], errors
+
+
+def test_code_weighting_needs_the_eigenvalues():
+    cfg = PriorConfig(kind="latent_flow", width=8, depth=1, fit_steps=2, latent=2, autoencoder_steps=2)
+    with pytest.raises(ValueError, match="code_weighting=0.25 .*eigenvalues"):
+        fit_prior(two_clusters(n=50), cfg)
+    with pytest.raises(ValueError, match="2 eigenvalues for codes of d=3"):
+        fit_prior(two_clusters(n=50), cfg, eigenvalues=torch.ones(2))
+    with pytest.raises(ValueError, match="positive"):
+        fit_prior(two_clusters(n=50), cfg, eigenvalues=torch.tensor([1.0, 0.0, 1.0]))
