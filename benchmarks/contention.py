@@ -22,6 +22,7 @@ Variants, the environment torch loads under in every scatgen process of a measur
     before          the environment as it is (OpenMP's default: spin a while, then sleep)
     after           what the entry points set (scatgen.threads.entry_point_environment): OMP_WAIT_POLICY=PASSIVE
     after, 1 thread also OMP_NUM_THREADS=1: what sizing torch's threads to the free cores would give
+    short spin      OMP_WAIT_POLICY unset, GOMP_SPINCOUNT=10000: a waiting thread spins briefly, then sleeps
 
 Every (variant, workload) is one fresh worker process, which times --rounds rounds of three
 phases: alone, beside scatgen, beside numpy. A variant's workers and its two neighbours start
@@ -54,7 +55,7 @@ from scatgen.threads import entry_point_environment  # noqa: E402
 
 WORKLOADS = {"train": "steps/s", "prior": "fit steps/s", "refine": "evaluations/s"}
 NEIGHBOURS = ("scatgen", "numpy")
-VARIANTS = ("before", "after", "after, 1 thread")
+VARIANTS = ("before", "after", "after, 1 thread", "short spin")
 SETTLE_S = {False: 0.5, True: 0.1}  # after SIGCONT, so that the neighbour runs at full tilt when a phase starts
 
 # Sizes of one unit of work (and warm-up units): full, and --smoke.
@@ -250,6 +251,8 @@ def variant_environment(variant: str) -> dict[str, str]:
     env = entry_point_environment()
     if variant == "after, 1 thread":
         env["OMP_NUM_THREADS"] = "1"
+    elif variant == "short spin":  # libgomp's default wait, spinning 10k rounds instead of 300k before sleeping
+        env = dict(os.environ, GOMP_SPINCOUNT="10000")
     elif variant != "after":
         raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
     return env

@@ -120,8 +120,9 @@ class StepRate:
 
     `collapsed()` flags, once, a window at least SLOWDOWN times slower than the fastest one seen
     after the first (which holds the warm-up). A step's work is fixed, so its time varies by a few
-    per cent; a drop of that size means something else took the processor (measured: one busy
-    process on 2 cores with 2 torch threads costs about 10×)."""
+    per cent; a drop of that size means something else took the processor (one busy neighbour on
+    2 cores cost 3.4–3.8× with spinning OpenMP threads, 1.6–1.7× with the entry points' passive
+    waiting: benchmarks/README.md, contention)."""
 
     SLOWDOWN = 3.0
 
@@ -152,7 +153,7 @@ def warn_slowdown(rate: StepRate) -> None:
     threads = torch.get_num_threads()
     tqdm.write(f"warning: training slowed to {rate.current:.1f} steps/s from {rate.best:.1f}; another busy process "
                f"is probably competing for the {usable_cores()} core(s) that torch's {threads} threads use. Stop it, "
-               f"or give torch fewer threads (OMP_NUM_THREADS=1 in the environment, or torch.set_num_threads(1))",
+               f"or start the run with one thread fewer (OMP_NUM_THREADS={max(threads - 1, 1)} in the environment)",
                file=sys.stderr)
 
 
