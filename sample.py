@@ -18,10 +18,7 @@ refine.steps). --prior picks the code prior (default: the bundle's prior.kind, o
 
 import sys
 
+from scatgen.commands import main
+
 if __name__ == "__main__":
-    from scatgen.threads import configure_threads
-
-    configure_threads()  # before scatgen.commands loads torch: OpenMP reads its settings then (scatgen/threads.py)
-    from scatgen.commands import main
-
     sys.exit(main(sys.argv[1:], prog="sample.py", description=__doc__))

@@ -11,10 +11,7 @@ config → data → encode (scattering + whitening, cached) → train generator 
 
 import sys
 
+from scatgen.cli import train
+
 if __name__ == "__main__":
-    from scatgen.threads import configure_threads
-
-    configure_threads()  # before anything loads torch: OpenMP reads its settings then (scatgen/threads.py)
-    from scatgen.cli import train
-
     sys.exit(train(sys.argv[1:], usage=__doc__, use_command="python sample.py"))

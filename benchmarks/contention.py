@@ -1,5 +1,5 @@
-"""Throughput beside one busy neighbour process, before and after the entry points' passive
-OpenMP waiting (scatgen/threads.py).
+"""Throughput beside one busy neighbour process, with OpenMP's default waiting (spin, then sleep)
+and with passive waiting (OMP_WAIT_POLICY=PASSIVE).
 
     python benchmarks/contention.py --json contention.json  # 3 variants × 3 workloads × 2 rounds × 3 phases
                                                             # of 6 s, plus start-up: about 7 minutes
@@ -20,7 +20,7 @@ Neighbours:
 
 Variants, the environment torch loads under in every scatgen process of a measurement:
     before          the environment as it is (OpenMP's default: spin a while, then sleep)
-    after           what the entry points set (scatgen.threads.entry_point_environment): OMP_WAIT_POLICY=PASSIVE
+    after           OMP_WAIT_POLICY=PASSIVE: a waiting OpenMP thread sleeps at once
     after, 1 thread also OMP_NUM_THREADS=1: what sizing torch's threads to the free cores would give
     short spin      OMP_WAIT_POLICY unset, GOMP_SPINCOUNT=10000: a waiting thread spins briefly, then sleeps
 
@@ -51,7 +51,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scatgen.threads import entry_point_environment  # noqa: E402
 
 WORKLOADS = {"train": "steps/s", "prior": "fit steps/s", "refine": "evaluations/s"}
 NEIGHBOURS = ("scatgen", "numpy")
@@ -248,7 +247,7 @@ class Process:
 def variant_environment(variant: str) -> dict[str, str]:
     if variant == "before":
         return dict(os.environ)
-    env = entry_point_environment()
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     if variant == "after, 1 thread":
         env["OMP_NUM_THREADS"] = "1"
     elif variant == "short spin":  # libgomp's default wait, spinning 10k rounds instead of 300k before sleeping

@@ -23,8 +23,6 @@ import signal
 import sys
 from pathlib import Path
 
-from scatgen.threads import configure_threads
-
 # configs/ at the project root, reached through the package's configs symlink, so the same YAML
 # files serve a source checkout and an installed wheel (which holds copies of them).
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -117,9 +115,6 @@ def train(argv: list[str], usage: str = __doc__, use_command: str = "scatgen") -
 
 def main(argv: list[str] | None = None) -> int:
     """The console entry point: `scatgen train ...`, `scatgen sample ...`, ...; returns the exit status."""
-    # First: OpenMP reads its settings when torch loads, and nothing has loaded it yet (this module
-    # and the package's __init__ import nothing heavy). A no-op where torch is loaded (a test).
-    configure_threads()
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
