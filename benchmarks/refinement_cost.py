@@ -7,8 +7,8 @@ the whole L-BFGS refinement, at several refinement batch sizes, with the PSNR ea
 Refines the G outputs of the first n test images towards their full S_J x (as `reconstruct`
 does). Prints, with the CPU and torch's thread count: the seconds per image of `steps` forward
 and backward passes of S_J alone (at batch 64), and for each (batch size, steps) the seconds per
-image of the whole refinement and the mean test PSNR it reaches. Results do not depend on the
-batch size (each image has its own line search), so that column is speed alone.
+image of the whole refinement and the mean test PSNR it reaches. Each image has its own line
+search, yet the PSNR moved with the batch size when this was first run (benchmarks/README.md).
 """
 
 import argparse
@@ -53,8 +53,7 @@ def main() -> None:
     images = _stack(load_split(pipe, "test"), 128)[:args.n]
     start = pipe.decode(pipe.encode(images), refine=0)
     scattering = pipe.scattering
-    print(f"run {args.run}, {len(images)} test images, {cpu_or_gpu_name(pipe.device)}, "
-          f"{torch.get_num_threads()} torch threads")
+    print(f"run {args.run}, {len(images)} test images, {cpu_or_gpu_name(pipe.device)}")
     per_call = scattering_seconds(scattering, start[:64]) / len(start[:64])
     print(f"G alone: {psnr(to_unit(start), to_unit(images)).mean():.2f} dB; S_J forward + backward: "
           f"{per_call * 1000:.2f} ms per image\n")
