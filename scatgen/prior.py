@@ -423,15 +423,17 @@ def fit_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device: torch
 LATENT_NOISE = 0.1
 
 
-def code_weights(eigenvalues: torch.Tensor | None, gamma: float) -> torch.Tensor | None:
-    """Per-component loss weights λ_k^γ / mean(λ^γ) for eigenvalues (d,); None where γ = 0."""
+def code_weights(eigenvalues: torch.Tensor | None, gamma: float, d: int) -> torch.Tensor:
+    """Per-component loss weights (d,): λ_k^γ / mean(λ^γ) for the eigenvalues (d,); ones where γ = 0."""
     if gamma == 0:
-        return None
+        return torch.ones(d)
     if eigenvalues is None:
         raise ValueError(f"prior.code_weighting={gamma} weighs the codes by the whitening's eigenvalues, and none "
                          f"were given; pass eigenvalues=whitening.eigenvalues, or set prior.code_weighting=0")
     if eigenvalues.ndim != 1 or not bool((eigenvalues > 0).all()):
         raise ValueError(f"eigenvalues must be a positive vector (d,), got shape {tuple(eigenvalues.shape)}")
+    if len(eigenvalues) != d:
+        raise ValueError(f"{len(eigenvalues)} eigenvalues for codes of d={d}: pass the whitening's that made the codes")
     weights = eigenvalues.double().pow(gamma)
     return (weights / weights.mean()).float()
 
@@ -442,10 +444,7 @@ def fit_latent_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device
     Adam on the squared error weighted by code_weights(eigenvalues, cfg.code_weighting), with
     noise on the latents), then flow matching on its standardised latents (cfg.fit_steps)."""
     n, d = codes.shape
-    weights = code_weights(eigenvalues, cfg.code_weighting)
-    if weights is not None and len(weights) != d:
-        raise ValueError(f"{len(weights)} eigenvalues for codes of d={d}: pass the whitening's that made the codes")
-    weights = torch.ones(d) if weights is None else weights
+    weights = code_weights(eigenvalues, cfg.code_weighting, d).to(device)
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -463,7 +462,7 @@ def fit_latent_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device
         # noise by growing its latents.
         spread = latent.detach().std(0, keepdim=True).clamp_min(1e-6)
         noisy = latent + LATENT_NOISE * spread * torch.randn(latent.shape, generator=generator).to(device)
-        step(opt, schedule, ((prior.decoder(noisy) - z).square() * weights.to(device)).mean(), cfg.lr)
+        step(opt, schedule, ((prior.decoder(noisy) - z).square() * weights).mean(), cfg.lr)
     prior.eval()
     with torch.no_grad():
         latents = torch.cat([prior.encoder(chunk.to(device)) for chunk in codes.split(4096)])
