@@ -8,7 +8,6 @@ leaves one that loads as valid. Only codes are stored, never the scattering coef
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -17,7 +16,6 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +28,7 @@ from scatgen.config import Config
 from scatgen.data import build_dataset, collate_skip_none
 from scatgen.integrity import CorruptFileError, tensors_sha256
 from scatgen.scattering import Scattering
-from scatgen.utils import LOCKS_SUPPORTED, atomic_path, lock_file, progress_bar
+from scatgen.utils import LOCKS_SUPPORTED, atomic_path, cache_key, lock_file, progress_bar, rank_world
 from scatgen.whitening import Whitening, fit_whitening
 CACHE_VERSION = 2  # 2: entries carry a checksum
 
@@ -58,18 +56,8 @@ class IndexedImages(Dataset):
         return None if image is None else (image, i)
 
 
-def cache_key(parts: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _loader(dataset: Dataset, batch_size: int, num_workers: int, shard: bool) -> DataLoader:
-    rank, world = _rank_world()
+    rank, world = rank_world()
     indexed = IndexedImages(dataset)
     if shard and world > 1:
         indexed = Subset(indexed, range(rank, len(dataset), world))
@@ -189,13 +177,13 @@ def fit_or_load_whitening(cfg: Config, scattering: Scattering, device: torch.dev
     whitening = fit_whitening(batches, d=w.d, method=w.method, oversample=w.oversample,
                               power_iters=w.power_iters, eps=w.eps, seed=cfg.run.seed,
                               progress=progress, metadata=meta)
-    if _rank_world()[0] == 0:
+    if rank_world()[0] == 0:
         whitening.save(path)
     return whitening
 
 
 def _gather(codes: torch.Tensor, indices: torch.Tensor, skipped: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    rank, world = _rank_world()
+    rank, world = rank_world()
     if world == 1:
         return codes, indices, skipped
     parts: list = [None] * world
@@ -237,7 +225,7 @@ def encode_split(cfg: Config, split: str, scattering: Scattering, whitening: Whi
         raise ValueError(f"no readable images in the {split} split of {dataset.identity()}")
     if skipped:
         warnings.warn(f"{skipped} unreadable image(s) skipped in the {split} split")
-    if _rank_world()[0] == 0:
+    if rank_world()[0] == 0:
         meta = dict(key_parts, split=split, num_skipped=skipped)
         with atomic_path(path) as tmp:
             tensors = {"codes": codes.contiguous(), "indices": indices.contiguous()}

@@ -35,13 +35,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from scatgen.data.images import _normalize_index, to_tensor
-from scatgen.utils import LOCKS_SUPPORTED, atomic_path, lock_file, progress_bar
+from scatgen.integrity import file_sha256
+from scatgen.utils import LOCKS_SUPPORTED, atomic_path, cache_key, lock_file, progress_bar, rank_world
 
 __all__ = ["FORMAT_VERSION", "CachedImages", "cache_images"]
 
 FORMAT_VERSION = 1
 DATA, HEADER = "images.u8", "header.json"
-READ_CHUNK = 16 * 2**20  # bytes hashed at a time when verifying
 
 
 def _uint8_to_float() -> np.ndarray:
@@ -140,26 +140,12 @@ def _describe(image) -> str:
     return f"a {type(image).__name__}"
 
 
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _json(value) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
 def _stats(entry: Path) -> tuple:
     return tuple((s.st_size, s.st_mtime_ns, s.st_ino) for s in ((entry / DATA).stat(), (entry / HEADER).stat()))
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(READ_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_entry(entry: Path, identity: dict, shape: tuple, verify: bool) -> tuple[dict | None, str]:
@@ -181,7 +167,7 @@ def _check_entry(entry: Path, identity: dict, shape: tuple, verify: bool) -> tup
     if size != math.prod(shape):
         return None, f"image cache file '{entry / DATA}' holds {size} bytes, expected {math.prod(shape)} (truncated)"
     if verify and _verified.get(str(entry)) != _stats(entry):
-        if _file_sha256(entry / DATA) != header.get("sha256"):
+        if file_sha256(entry / DATA) != header.get("sha256"):
             return None, f"image cache file '{entry / DATA}' does not match its checksum (corrupt)"
         _verified[str(entry)] = _stats(entry)
     return header, ""
@@ -245,9 +231,9 @@ def cache_images(dataset: Dataset, cache_dir: str | Path, num_workers: int = 0,
                         f"set data.cache_images=false")
     identity = dataset.identity()
     shape = (len(dataset), 3, size, size)
-    key = hashlib.sha256(_json(dict(version=FORMAT_VERSION, dataset=identity, shape=shape)).encode()).hexdigest()[:16]
+    key = cache_key(dict(version=FORMAT_VERSION, dataset=identity, shape=shape))
     entry = Path(cache_dir) / f"images-{identity.get('split', 'all')}-{key}"
-    rank, world = _rank_world()
+    rank, world = rank_world()
     if rank == 0:
         header, problem = _check_entry(entry, identity, shape, verify=True)
         if header is None:
