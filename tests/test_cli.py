@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import scatgen
 from conftest import ROOT, as_args, tiny_overrides
@@ -69,3 +70,22 @@ def test_scatgen_train_then_sample_from_another_folder(tmp_path):
     result = scatgen_command("sample", str(run), "--n", "2", "--out", str(tmp_path / "s"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert list((tmp_path / "s").glob("samples-normal-refine0-seed0-*.png"))
+
+
+def test_user_images_get_the_datasets_crop(tmp_path):
+    """A CelebA-64 model crops a user's file at 140 px, as its dataset does, not at the shorter side."""
+    from PIL import Image
+
+    from scatgen.commands import user_image
+    from scatgen.config import DataConfig
+    from scatgen.data import load_image
+
+    rng = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(218, 178, 3, generator=rng) * 255).to(torch.uint8).numpy()
+    path = tmp_path / "face.png"
+    Image.fromarray(pixels).save(path)
+    image = user_image(path, DataConfig(name="celeba", image_size=64))
+    assert torch.equal(image, load_image(path, 64, crop=140))
+    assert not torch.equal(image, load_image(path, 64, crop=0))
+    # folders have no default crop: the shorter side
+    assert torch.equal(user_image(path, DataConfig(name="folder", image_size=64)), load_image(path, 64, crop=0))
