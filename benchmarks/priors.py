@@ -59,7 +59,7 @@ def main() -> None:
     fit_seconds = {}
     if args.fit:
         cfg = with_overrides(pipe.cfg, dict(s.split("=", 1) for s in args.set))
-        codes = encode_split(pipe.cfg, "train", pipe.scattering, pipe.whitening, pipe.device).codes
+        codes = encode_split(pipe.cfg, "train", pipe.encoder).codes
         for kind in args.fit:
             tic = time.perf_counter()
             prior = fit_prior(codes, replace(cfg.prior, kind=kind), seed=pipe.cfg.run.seed, progress=True,

@@ -27,7 +27,9 @@ CASES = [(64, 4, 256, 2000), (64, 4, 256, 8000), (128, 4, 512, 2000)]
 def worker(size: int, J: int, d: int, n: int, spill_gb: float) -> dict:
     import torch
 
-    from scatgen.codes import CoeffSpill, _spill_fits, encode_split, fit_or_load_whitening
+    from scatgen.codes import encode_split
+    from scatgen.coefficients import CoeffSpill, spill_fits
+    from scatgen.encoder import fit_encoder
     from scatgen.config import load_config
     from scatgen.data import build_dataset
     from scatgen.scattering import Scattering
@@ -38,14 +40,15 @@ def worker(size: int, J: int, d: int, n: int, spill_gb: float) -> dict:
                                  "whitening.spill_gb": str(spill_gb)})
         scattering = Scattering(J, size, 8, "fast", cache_dir=ROOT / ".cache/scatgen")
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        spill = CoeffSpill(cache) if _spill_fits(cfg, scattering, n) else None
+        spill = CoeffSpill(cache) if spill_fits(cfg, scattering, n) else None
         start = time.time()
-        whitening = fit_or_load_whitening(cfg, scattering, torch.device("cpu"), progress=False, spill=spill)
+        encoder = fit_encoder(cfg, "cpu", progress=False, spill=spill, scattering=scattering)
+        whitening = encoder.whitening
         fit_s = time.time() - start
         if spill is not None:
             spill.close()
         start = time.time()
-        codes = encode_split(cfg, "test", scattering, whitening, torch.device("cpu"), progress=False)
+        codes = encode_split(cfg, "test", encoder, progress=False)
         encode_rate = len(codes.codes) / (time.time() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"size": size, "J": J, "d": d, "N": n, "D": whitening.dim, "method": whitening.metadata["method"],

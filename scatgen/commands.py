@@ -245,7 +245,7 @@ def cmd_fit_prior(pipe, args) -> None:
         cfg = replace(cfg, fit_steps=args.fit_steps)
     data_cfg = replace(pipe.cfg.data, root=args.data_root) if args.data_root else pipe.cfg.data
     # The run's code cache answers when it is still there; otherwise the train split is encoded again.
-    codes = encode_split(replace(pipe.cfg, data=data_cfg), "train", pipe.scattering, pipe.whitening, pipe.device).codes
+    codes = encode_split(replace(pipe.cfg, data=data_cfg), "train", pipe.encoder).codes
     prior = fit_prior(codes, cfg, seed=args.seed, device=pipe.device, progress=True,
                       eigenvalues=pipe.whitening.eigenvalues.cpu())
     path = add_prior(args.run, prior)

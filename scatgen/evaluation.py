@@ -166,7 +166,7 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
         codes = sample_codes[kind] = pipe.random_codes(n, seed=seed + 1, prior=kind)
         samples[kind] = {"raw": pipe.decode(codes, refine=0)}
         if refine_cfg.steps > 0:
-            samples[kind]["refined"], spent = _timed(refine_decodings, pipe.scattering, pipe.whitening,
+            samples[kind]["refined"], spent = _timed(refine_decodings, pipe.encoder,
                                                      samples[kind]["raw"], codes, refine_cfg, pipe.priors[kind].modelled)
             seconds["decode"] += spent
     for kind, images in recons.items():

@@ -32,6 +32,7 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from scatgen.checks import (check_code_or_image, check_codes, check_device, check_images, check_known, check_seed,
                             positive_number, whole_number)
 from scatgen.config import Config, RefineConfig
+from scatgen.encoder import Encoder
 from scatgen.generators import Generator
 from scatgen.prior import CodePrior, NormalPrior
 from scatgen.refinement import refine_decodings, refine_reconstructions
@@ -89,8 +90,7 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         self.device = check_device(device)
         self.cfg = cfg
         self.generator = generator.to(self.device).eval()
-        self.whitening = whitening.to(self.device)
-        self._scattering = scattering
+        self.encoder = Encoder(cfg, whitening, scattering, self.device)
         for kind, prior in (priors or {}).items():
             if prior.d != whitening.d:
                 raise ValueError(f"the '{kind}' prior draws codes of d={prior.d}, but the whitening makes d="
@@ -112,13 +112,12 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         return self.cfg.prior.kind if self.cfg.prior.kind in self.priors else "normal"
 
     @property
+    def whitening(self) -> Whitening:
+        return self.encoder.whitening
+
+    @property
     def scattering(self) -> Scattering:
-        # Built on first use: sampling without refinement never needs the filters.
-        if self._scattering is None:
-            e = self.cfg.encoder
-            self._scattering = Scattering(e.J, self.image_size, e.L, e.backend, cache_dir=self.cfg.run.cache_dir,
-                                          compile=e.compile)
-        return self._scattering.to(self.device)
+        return self.encoder.scattering
 
     def refine_settings(self, refine: int | None = None) -> RefineConfig:
         """The bundle's refine config with `refine` steps (None: its own)."""
@@ -133,14 +132,7 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
 
         uint8 images (0–255) are converted with v / 127.5 − 1; float images outside [-1, 1] or
         with NaN/inf are refused, and images all in [0, 1] warn (ImageRangeWarning)."""
-        return self._encode(check_images(images, self.image_size), whole_number(batch_size, "batch_size", 1))
-
-    @torch.no_grad()
-    def _encode(self, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
-        if len(images) == 0:
-            return torch.empty(0, self.d)
-        out = [self.whitening(self.scattering(chunk.to(self.device))) for chunk in images.split(batch_size)]
-        return torch.cat(out).cpu()
+        return self.encoder.encode(check_images(images, self.image_size), whole_number(batch_size, "batch_size", 1))
 
     def decode(self, codes: torch.Tensor, refine: int | None = None, batch_size: int = 256,
                known: int | None = None) -> torch.Tensor:
@@ -165,7 +157,7 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
                 out[start:start + len(chunk)] = self.generator(chunk)[0].float().cpu()
         if cfg.steps == 0:
             return out
-        return refine_decodings(self.scattering, self.whitening, out, codes, cfg, known)
+        return refine_decodings(self.encoder, out, codes, cfg, known)
 
     def random_codes(self, n: int, seed: int = 0, temperature: float = 1.0, prior: str | None = None) -> torch.Tensor:
         """n codes from a prior ('normal', or one the bundle holds; None = the default)."""
@@ -184,7 +176,7 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         """G(L S_J x), then `refine` steps towards the full S_J x (images as for encode)."""
         images = check_images(images, self.image_size)
         cfg = self.refine_settings(refine)
-        recons = self.decode(self._encode(images), refine=0)
+        recons = self.decode(self.encoder.encode(images), refine=0)
         if cfg.steps == 0 or len(images) == 0:
             return recons
         return refine_reconstructions(self.scattering, recons, images, cfg)
@@ -233,7 +225,7 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         if spherical and path != "code":
             raise ValueError("spherical=True is a path between codes: use it with path='code'")
         a, b = (check_code_or_image(v, self.d, self.image_size, name) for v, name in ((a, "a"), (b, "b")))
-        a, b = (self._encode(v[None])[0] if v.ndim == 3 else v for v in (a, b))
+        a, b = (self.encoder.encode(v[None])[0] if v.ndim == 3 else v for v in (a, b))
         codes = self.interpolate_codes(a[None], b[None], torch.linspace(0, 1, steps), path, spherical, prior)[0]
         return self.decode(codes, refine=refine, known=known)
 
@@ -245,7 +237,7 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         n, seed = whole_number(n, "the number of variations n", 1), check_seed(seed)
         _, code_prior = self._prior(prior)
         image = check_code_or_image(image, self.d, self.image_size, "image")
-        code = self._encode(image[None])[0] if image.ndim == 3 else image
+        code = self.encoder.encode(image[None])[0] if image.ndim == 3 else image
         codes = code_prior.vary(code.float()[None].expand(n, -1), strength, seed)
         return self.decode(codes, refine=refine)
 

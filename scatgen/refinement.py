@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from scatgen.config import RefineConfig
+from scatgen.encoder import Encoder
 from scatgen.scattering import Scattering
 from scatgen.utils import progress_bar
 from scatgen.whitening import Whitening
@@ -59,7 +60,7 @@ def code_objective(whitening: Whitening, codes: torch.Tensor, start_coeffs: torc
     k = whitening.d if known is None else known
     U, lam, mu = whitening.basis[:, :k], whitening.eigenvalues[:k], whitening.mean
     weights = lam.pow(-weighting)
-    target = codes[:, :k].float() * lam.sqrt()
+    target = whitening.coordinates(codes, k)
     start_centred = start_coeffs - mu
     start_residual = start_centred - (start_centred @ U) @ U.T
 
@@ -189,7 +190,8 @@ def _check(cfg: RefineConfig) -> None:
 
 def refine_reconstructions(scattering: Scattering, start: torch.Tensor, images: torch.Tensor,
                            cfg: RefineConfig) -> torch.Tensor:
-    """Refine G(L S_J x_t) = start (B, 3, N, N) towards the full S_J x_t of images (B, 3, N, N)."""
+    """Refine G(L S_J x_t) = start (B, 3, N, N) towards the full S_J x_t of images (B, 3, N, N):
+    all D coefficients are known, so no whitening is involved."""
     _check(cfg)
     if cfg.steps == 0:
         return start
@@ -203,19 +205,19 @@ def refine_reconstructions(scattering: Scattering, start: torch.Tensor, images: 
     return torch.cat(out)
 
 
-def refine_decodings(scattering: Scattering, whitening: Whitening, start: torch.Tensor, codes: torch.Tensor,
-                     cfg: RefineConfig, known: int | None = None) -> torch.Tensor:
+def refine_decodings(encoder: Encoder, start: torch.Tensor, codes: torch.Tensor, cfg: RefineConfig,
+                     known: int | None = None) -> torch.Tensor:
     """Refine G(z) = start (B, 3, N, N) so that L S_J x matches the codes z (B, d), or their
     `known` leading components."""
     _check(cfg)
     if cfg.steps == 0:
         return start
-    device = whitening.mean.device
     out = []
     for x0, z in _batches(start, codes, size=cfg.batch_size):
-        x0, z = x0.to(device), z.to(device)
+        x0 = x0.to(encoder.device)
         with torch.no_grad():
-            start_coeffs = scattering(x0.float()).reshape(len(x0), -1)
-        objective = code_objective(whitening, z, start_coeffs, cfg.weighting, cfg.anchor, known)
-        out.append(descend(scattering, x0, objective, cfg).cpu())
+            start_coeffs = encoder.coefficients(x0.float())
+        objective = code_objective(encoder.whitening, z.to(encoder.device), start_coeffs, cfg.weighting, cfg.anchor,
+                                   known)
+        out.append(descend(encoder.scattering, x0, objective, cfg).cpu())
     return torch.cat(out)

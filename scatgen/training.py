@@ -249,7 +249,7 @@ class Trainer:
             with atomic_path(self.paths.root / "config.yaml") as tmp:
                 save_config(cfg, tmp)
 
-        self.scattering, self.whitening, self.codesets = prepare_codes(cfg, self.accelerator.device, self.progress)
+        self.encoder, self.codesets = prepare_codes(cfg, self.accelerator.device, self.progress)
         if cfg.data.cache_images:  # encoding built the image cache; from here on images come from it
             self.train_images, self.test_images = (cache_images(d, cfg.run.cache_dir, t.num_workers, self.progress)
                                                    for d in (self.train_images, self.test_images))
@@ -261,7 +261,7 @@ class Trainer:
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * max(steps_per_epoch, 1)
 
         set_seed(cfg.run.seed)  # initialisation must not depend on whether the code cache was hit
-        generator = build_generator(cfg.generator, code_dim=self.whitening.d, image_size=cfg.data.image_size,
+        generator = build_generator(cfg.generator, code_dim=self.encoder.whitening.d, image_size=cfg.data.image_size,
                                     J=cfg.encoder.J, L=cfg.encoder.L)
         if t.compile:
             generator.compile()  # in place: state_dict keys, checkpoints and bundles stay as in eager mode
@@ -452,7 +452,7 @@ class Trainer:
         codes, images = self._fixed_test_batch(t.eval_images)
         metrics = {"test/psnr": test_psnr(generator, codes, images)}
         self.history.append({"step": self.step, "train_seconds": self.train_seconds, "test_psnr": metrics["test/psnr"]})
-        pipe = Pipeline(generator, self.whitening, self.cfg, device=self.accelerator.device)
+        pipe = Pipeline(generator, self.encoder.whitening, self.cfg, device=self.accelerator.device)
         # G alone: refinement would cost more than the evaluation itself.
         recons = pipe.decode(codes[:t.grid_size], refine=0)
         samples = pipe.sample(t.grid_size, seed=self.cfg.run.seed, prior="normal", refine=0)
@@ -469,7 +469,7 @@ class Trainer:
             return None
         return fit_prior(self.codesets["train"].codes, self.cfg.prior, seed=self.cfg.run.seed,
                          device=self.accelerator.device, progress=self.progress,
-                         eigenvalues=self.whitening.eigenvalues.cpu())
+                         eigenvalues=self.encoder.whitening.eigenvalues.cpu())
 
     def save_pictures(self, priors: dict[str, CodePrior]) -> None:
         """The pictures a user looks at first, enlarged ×4 below 64²: reconstructions (rows of
@@ -477,7 +477,7 @@ class Trainer:
         refined, interpolations between test codes (through the prior where it is invertible)
         and variations of test images."""
         generator = self.accelerator.unwrap_model(self.model)
-        pipe = Pipeline(generator, self.whitening, self.cfg, scattering=self.scattering,
+        pipe = Pipeline(generator, self.encoder.whitening, self.cfg, scattering=self.encoder.scattering,
                         device=self.accelerator.device, priors=priors)
         refining = self.cfg.refine.steps > 0
         factor = display_scale(pipe.image_size)
@@ -644,7 +644,7 @@ class Trainer:
             prior = self.fit_prior()
             metrics["prior_seconds"] = time.time() - tic
             priors = {} if prior is None else {prior.kind: prior}
-            save_bundle(self.paths.model, generator, self.whitening, cfg, priors=list(priors.values()))
+            save_bundle(self.paths.model, generator, self.encoder.whitening, cfg, priors=list(priors.values()))
             tic = time.time()
             self.save_pictures(priors)
             metrics["pictures_seconds"] = time.time() - tic

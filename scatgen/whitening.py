@@ -59,11 +59,13 @@ class Whitening(nn.Module):
             raise ValueError(f"expected coeffs with D={self.dim} values, got {coeffs.shape[1]}")
         return ((coeffs - self.mean) @ self.basis) * self.eigenvalues.rsqrt()
 
-    def inverse(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, d) → coeffs (B, D)."""
+    def coordinates(self, codes: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """The PCA coordinates Λ^{1/2} z that codes (B, d) stand for, or their k leading ones:
+        the coefficients are μ + U Λ^{1/2} z plus what the code does not fix."""
         if codes.ndim != 2 or codes.shape[1] != self.d:
             raise ValueError(f"expected codes of shape (B, {self.d}), got {tuple(codes.shape)}")
-        return self.mean + (codes.float() * self.eigenvalues.sqrt()) @ self.basis.T
+        k = self.d if k is None else k
+        return codes[:, :k].float() * self.eigenvalues[:k].sqrt()
 
     def fingerprint(self) -> str:
         """A short hash of the fitted tensors: it keys the code cache."""

@@ -26,19 +26,19 @@ def _count_scatter_calls(monkeypatch):
 
 def test_cache_hit_then_invalidation_on_J_and_d(tmp_path, monkeypatch):
     calls = _count_scatter_calls(monkeypatch)
-    _, w1, first = prepare_codes(_cfg(tmp_path), progress=False)
+    e1, first = prepare_codes(_cfg(tmp_path), progress=False)
     assert first["train"].codes.shape == (256, 32) and first["test"].codes.shape == (64, 32)
     assert calls["n"] > 0
     calls["n"] = 0
-    _, w2, second = prepare_codes(_cfg(tmp_path), progress=False)
+    e2, second = prepare_codes(_cfg(tmp_path), progress=False)
     assert calls["n"] == 0, "a cache hit must not scatter anything"
     assert torch.equal(first["train"].codes, second["train"].codes)
-    assert w1.fingerprint() == w2.fingerprint()
+    assert e1.whitening.fingerprint() == e2.whitening.fingerprint()
     # Changing d or J changes the key: recomputed, and the old entries stay valid.
-    _, _, by_d = prepare_codes(_cfg(tmp_path, whitening__d=16), progress=False)
+    _, by_d = prepare_codes(_cfg(tmp_path, whitening__d=16), progress=False)
     assert calls["n"] > 0 and by_d["train"].codes.shape == (256, 16)
     calls["n"] = 0
-    _, _, by_j = prepare_codes(_cfg(tmp_path, encoder__J=2), progress=False)
+    _, by_j = prepare_codes(_cfg(tmp_path, encoder__J=2), progress=False)
     assert calls["n"] > 0 and by_j["train"].codes.shape == (256, 32)
     assert not torch.allclose(by_j["train"].codes, first["train"].codes)
     codes_files = list((tmp_path / "cache").glob("codes-train-*.safetensors"))
@@ -46,19 +46,19 @@ def test_cache_hit_then_invalidation_on_J_and_d(tmp_path, monkeypatch):
 
 
 def test_truncated_cache_entry_is_recomputed(tmp_path):
-    _, _, first = prepare_codes(_cfg(tmp_path), progress=False)
+    _, first = prepare_codes(_cfg(tmp_path), progress=False)
     entry = next((tmp_path / "cache").glob("codes-train-*.safetensors"))
     entry.write_bytes(entry.read_bytes()[:100])  # what a killed non-atomic writer would leave
     with pytest.warns(UserWarning, match="corrupt code cache entry .*recomputing"):
-        _, _, again = prepare_codes(_cfg(tmp_path), progress=False)
+        _, again = prepare_codes(_cfg(tmp_path), progress=False)
     assert torch.equal(first["train"].codes, again["train"].codes)
 
 
 def test_spilled_passes_give_the_same_codes_as_rescattering(tmp_path, monkeypatch):
     calls = _count_scatter_calls(monkeypatch)
-    _, _, spilled = prepare_codes(_cfg(tmp_path / "a"), progress=False)
+    _, spilled = prepare_codes(_cfg(tmp_path / "a"), progress=False)
     spilled_calls, calls["n"] = calls["n"], 0
-    _, _, rescattered = prepare_codes(_cfg(tmp_path / "b", whitening__spill_gb=0), progress=False)
+    _, rescattered = prepare_codes(_cfg(tmp_path / "b", whitening__spill_gb=0), progress=False)
     # Spilled: one batch peeked for the fit's shift, the train split once, the test split once.
     assert spilled_calls == 64 + 256 + 64
     # Rescattered: the peek, 3 passes of the randomized fit, the train encoding and the test split.
@@ -68,7 +68,7 @@ def test_spilled_passes_give_the_same_codes_as_rescattering(tmp_path, monkeypatc
 
 
 def test_train_codes_are_white(tmp_path):
-    _, _, codesets = prepare_codes(_cfg(tmp_path), progress=False)
+    _, codesets = prepare_codes(_cfg(tmp_path), progress=False)
     z = codesets["train"].codes.double()
     cov = torch.cov(z.T)
     assert (cov - torch.eye(32, dtype=torch.float64)).norm() / 32**0.5 < 1e-3

@@ -211,10 +211,10 @@ def test_build_dataset_follows_data_cache_images(tmp_path):
 
 def test_encoding_through_the_cache_gives_the_same_codes(tmp_path):
     extra = dict(data__num_train=64, data__num_test=16)
-    _, _, cached = prepare_codes(load_config(None, tiny_overrides(tmp_path / "a", **extra)), progress=False)
+    _, cached = prepare_codes(load_config(None, tiny_overrides(tmp_path / "a", **extra)), progress=False)
     assert {p.name.split("-")[1] for p in _entries(tmp_path / "a" / "cache")} == {"train", "test"}
     off = load_config(None, tiny_overrides(tmp_path / "b", data__cache_images="false", **extra))
-    _, _, decoded = prepare_codes(off, progress=False)
+    _, decoded = prepare_codes(off, progress=False)
     assert _entries(tmp_path / "b" / "cache") == []
     for split in ("train", "test"):
         assert torch.equal(cached[split].codes, decoded[split].codes)

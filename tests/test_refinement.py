@@ -48,7 +48,7 @@ def test_code_refinement_lowers_its_objective_and_the_cycle_error(pipe, batch):
     _, codes, start = batch
     for optimizer in ("adam", "lbfgs"):
         cfg = RefineConfig(steps=30, lr=0.01, optimizer=optimizer)
-        refined = refine_decodings(pipe.scattering, pipe.whitening, start, codes, cfg)
+        refined = refine_decodings(pipe.encoder, start, codes, cfg)
         with torch.no_grad():
             start_coeffs = pipe.scattering(start).reshape(len(start), -1)
         objective = code_objective(pipe.whitening, codes, start_coeffs, weighting=0.0, anchor=1.0)
@@ -69,7 +69,7 @@ def test_anchor_holds_the_coefficients_the_code_does_not_fix(pipe, batch):
     drift = {}
     for anchor in (0.0, 10.0):
         cfg = RefineConfig(steps=30, lr=0.01, anchor=anchor)
-        refined = refine_decodings(pipe.scattering, w, start, codes, cfg)
+        refined = refine_decodings(pipe.encoder, start, codes, cfg)
         drift[anchor] = (off_span(refined) - off_span(start)).norm(dim=1).mean()
     assert drift[10.0] < drift[0.0]
 
@@ -104,4 +104,4 @@ def test_pipeline_refine_argument(pipe, batch):
         with pytest.raises(ValueError, match="refine must be a number of steps >= 0"):
             pipe.decode(codes, refine=bad)
     with pytest.raises(ValueError, match="refine.optimizer"):
-        refine_decodings(pipe.scattering, pipe.whitening, start, codes, replace(pipe.cfg.refine, optimizer="sgd"))
+        refine_decodings(pipe.encoder, start, codes, replace(pipe.cfg.refine, optimizer="sgd"))

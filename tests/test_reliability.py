@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from conftest import ROOT, as_args, run_script, tiny_overrides
 from scatgen.bundle import load_bundle
 from scatgen.checkpoints import CheckpointWarning, RunDirectoryInUse, resume_conflicts
-from scatgen.codes import CoeffSpill, prepare_codes, remove_stale_spills
+from scatgen.codes import prepare_codes
+from scatgen.coefficients import CoeffSpill, remove_stale_spills
 from scatgen.config import config_to_dict, load_config
 from scatgen.integrity import CorruptFileError, write_manifest
 from scatgen.training import NonFiniteLossError, Trainer, lr_factor
@@ -149,14 +150,16 @@ def test_concurrent_train_scripts_one_fails_clearly(tmp_path):
 
 def test_corrupt_code_and_whitening_cache_are_recomputed(tmp_path):
     cfg = load_config(None, tiny_overrides(tmp_path))
-    _, whitening, codesets = prepare_codes(cfg, progress=False)
+    encoder, codesets = prepare_codes(cfg, progress=False)
+    whitening = encoder.whitening
     cache = tmp_path / "cache"
     code_file = next(cache.glob("codes-train-*.safetensors"))
     whitening_file = next(cache.glob("whitening-*.safetensors"))
     _flip_bytes(code_file)
     _flip_bytes(whitening_file)
     with pytest.warns(UserWarning) as record:
-        _, whitening2, codesets2 = prepare_codes(cfg, progress=False)
+        encoder2, codesets2 = prepare_codes(cfg, progress=False)
+        whitening2 = encoder2.whitening
     messages = " ".join(str(w.message) for w in record)
     assert "corrupt code cache entry" in messages and "corrupt whitening cache entry" in messages
     torch.testing.assert_close(codesets2["train"].codes, codesets["train"].codes)

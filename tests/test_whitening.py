@@ -27,20 +27,28 @@ def test_codes_of_fit_data_are_white():
     assert z.mean(0).norm() < 1e-3
 
 
+def inverse(w, codes):
+    """The coefficients a code stands for: μ + U Λ^{1/2} z."""
+    return w.mean + w.coordinates(codes) @ w.basis.T
+
+
 def test_inverse_after_forward_is_the_orthogonal_projection():
     x = _data(n=500)
     w = fit_whitening(_stream(x), d=10, method="exact", progress=False)
     s = x[:7].double()
-    projected = w.inverse(w(x[:7])).double()
+    projected = inverse(w, w(x[:7])).double()
     mu, U = w.mean.double(), w.basis.double()
     expected = mu + (s - mu) @ U @ U.T
     assert torch.allclose(projected, expected, atol=1e-3)
     # A projection: applying it twice changes nothing.
-    again = w.inverse(w(projected.float())).double()
+    again = inverse(w, w(projected.float())).double()
     assert torch.allclose(again, projected, atol=1e-3)
     # With d = D it is the identity.
     full = fit_whitening(_stream(x), d=x.shape[1], method="exact", progress=False)
-    assert torch.allclose(full.inverse(full(x[:7])), x[:7], atol=1e-2)
+    assert torch.allclose(inverse(full, full(x[:7])), x[:7], atol=1e-2)
+    # k leading coordinates are the first k of all d
+    z = w(x[:3])
+    assert torch.equal(w.coordinates(z, 4), w.coordinates(z)[:, :4])
 
 
 def test_save_load_roundtrip(tmp_path):
@@ -91,7 +99,7 @@ def test_shape_errors_name_the_problem():
     with pytest.raises(ValueError, match="D=30"):
         w(torch.randn(2, 31))
     with pytest.raises(ValueError, match=r"\(B, 5\)"):
-        w.inverse(torch.randn(2, 6))
+        w.coordinates(torch.randn(2, 6))
     with pytest.raises(ValueError, match="between 1 and"):
         fit_whitening(_stream(x), d=31, method="exact", progress=False)
 
