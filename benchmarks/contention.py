@@ -342,7 +342,7 @@ def machine() -> dict:
     import torch
 
     from scatgen.evaluation import cpu_or_gpu_name
-    from scatgen.training import usable_cores
+    from scatgen.speed import usable_cores
 
     return {"cpu": cpu_or_gpu_name(torch.device("cpu")).split(", ")[0], "usable_cores": usable_cores(),
             "default_torch_threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -58,7 +58,8 @@ def profile(steps: int = 200) -> dict[str, float]:
     """Seconds per step in data loading, forward, backward, optimiser and the loss read-back, this tree."""
     import torch
     from scatgen.config import load_config
-    from scatgen.training import CodedImages, StepBatches, Trainer
+    from scatgen.data.batches import CodedImages, StepBatches
+    from scatgen.training import Trainer
     from scatgen.data import collate_skip_none
     from torch.utils.data import DataLoader
 
@@ -84,7 +85,7 @@ def profile(steps: int = 200) -> dict[str, float]:
             loss.backward()
             now = time.perf_counter(); parts["backward"] += now - tic; tic = now
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            opt.step(); trainer.scheduler.step(); opt.zero_grad(set_to_none=True)
+            trainer._set_lr(); opt.step(); opt.zero_grad(set_to_none=True)
             now = time.perf_counter(); parts["optimiser"] += now - tic; tic = now
             if i % t.log_every == 0:
                 loss.item()

@@ -11,16 +11,20 @@ against it before any work.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import warnings
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
-from scatgen.config import Config, config_to_dict, flatten_keys
-from scatgen.integrity import CorruptFileError, verify_manifest
+from scatgen.config import Config, config_to_dict, flatten_keys, read_yaml, save_config
+from scatgen.integrity import CorruptFileError, verify_manifest, write_manifest
 from scatgen.utils import lock_file
+
+TRAINER_STATE = "trainer_state.json"  # step, train_seconds and the test-PSNR history
 
 # What a resumed run may change: step budgets, cadences, the optimiser's step size, and the
 # stages after training. Everything else changes the model, its data or its codes.
@@ -130,7 +134,7 @@ def intact_checkpoint(paths: RunPaths, where: str) -> Path:
     must itself be intact."""
     if where != "latest":
         path = Path(where)
-        if not (path / "trainer_state.json").is_file():
+        if not (path / TRAINER_STATE).is_file():
             raise FileNotFoundError(f"'{path}' is not a scatgen checkpoint (no trainer_state.json)")
         try:
             verify_manifest(path, required=False)
@@ -145,7 +149,7 @@ def intact_checkpoint(paths: RunPaths, where: str) -> Path:
     for path in reversed(candidates):
         try:
             verify_manifest(path, required=False)
-            if not (path / "trainer_state.json").is_file():
+            if not (path / TRAINER_STATE).is_file():
                 raise CorruptFileError(f"'{path}' has no trainer_state.json")
             return path
         except CorruptFileError as e:
@@ -162,3 +166,91 @@ def nonfinite_tensors(module: torch.nn.Module) -> list[str]:
     """Names of the parameters and buffers holding NaN or ±inf."""
     named = list(module.named_parameters()) + list(module.named_buffers())
     return [name for name, t in named if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def check_run_directory(cfg: Config, paths: RunPaths, clear: bool) -> Path | None:
+    """The checkpoint to resume from (verified, its config compatible), or None for a fresh run,
+    which may not start over another run's checkpoints or bundle unless told to (then, with
+    `clear`, the old run's outputs are deleted)."""
+    if cfg.run.resume:
+        path = intact_checkpoint(paths, cfg.run.resume)
+        trained = path / "config.yaml" if (path / "config.yaml").is_file() else paths.root / "config.yaml"
+        if trained.is_file():
+            conflicts = resume_conflicts(read_yaml(trained, "checkpoint config"), cfg)
+            if conflicts:
+                raise ValueError(
+                    f"cannot resume from {path}: the config changes what it was trained on "
+                    f"({'; '.join(conflicts)}). Resume with the checkpoint's values, or start a new run in "
+                    f"another --run.out_dir")
+        return path
+    previous = [p for p in (paths.latest_checkpoint(), paths.model / "bundle.json") if p is not None and p.exists()]
+    if previous and not cfg.run.overwrite:
+        raise ValueError(
+            f"run.out_dir '{paths.root}' already holds a run ({previous[0]}); continue it with "
+            f"--run.resume=latest, replace it with --run.overwrite=true, or choose another --run.out_dir")
+    if previous and clear:
+        for old in (paths.checkpoints, paths.model, paths.images, paths.logs, paths.root / "metrics.json"):
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.exists():
+                old.unlink()
+    return None
+
+
+def save_checkpoint(accelerator: Accelerator, paths: RunPaths, cfg: Config, state: dict) -> Path:
+    """accelerate's state for step state['step'], the trainer's `state`, the config and a checksum
+    manifest, written to a temporary folder and renamed into place; then all but the newest
+    train.keep_checkpoints up to this step are deleted. Every rank calls it."""
+    step = state["step"]
+    final = paths.checkpoints / f"step-{step:07d}"
+    tmp = paths.checkpoints / f".tmp-step-{step:07d}"
+    main = accelerator.is_main_process
+    if main:
+        for stale in paths.checkpoints.glob(".tmp-step-*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if main:
+            (tmp / TRAINER_STATE).write_text(json.dumps(state))
+            save_config(cfg, tmp / "config.yaml")
+            write_manifest(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+    finally:
+        if main and tmp.exists():  # a failed write (disk full) leaves nothing behind
+            shutil.rmtree(tmp, ignore_errors=True)
+    if main:
+        kept = [p for p in paths.checkpoint_list() if checkpoint_step(p) <= step]
+        for old in kept[:-cfg.train.keep_checkpoints]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
+    """Restore accelerate's state from `path` (chosen and verified by check_run_directory) and
+    return the trainer's state saved with it."""
+    try:
+        accelerator.load_state(str(path))
+        state = json.loads((path / TRAINER_STATE).read_text())
+        missing = [key for key in ("step", "train_seconds", "history") if key not in state]
+        if missing:
+            raise KeyError(f"{TRAINER_STATE} has no {', '.join(missing)}")
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"checkpoint '{path}' cannot be loaded ({str(e).splitlines()[0]}); resume from "
+                         f"another checkpoint, or start afresh with --run.overwrite=true") from None
+    return state
+
+
+def set_aside_later(paths: RunPaths, step: int) -> list[str]:
+    """Rename the checkpoints after `step` to superseded-step-N: they belong to a run that went on
+    from there, and neither pruning nor a later --run.resume=latest may mix the two. → their names."""
+    moved = []
+    for later in paths.checkpoint_list():
+        if checkpoint_step(later) > step:
+            later.rename(later.with_name(f"superseded-{later.name}"))
+            moved.append(later.name)
+    return moved

@@ -1,14 +1,19 @@
-"""images → PNG/GIF files: grids, side-by-side comparisons and interpolation strips."""
+"""images → PNG/GIF files: grids, side-by-side comparisons and interpolation strips, and the
+pictures a finished run writes."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
 from scatgen.utils import atomic_path
+
+if TYPE_CHECKING:
+    from scatgen.pipeline import Pipeline
 
 MAX_PIXELS = 50_000_000  # one picture: 600 MB as float32 RGB; a bigger one is a mistake, not a picture
 
@@ -81,3 +86,36 @@ def save_gif(images: torch.Tensor, path: str | Path, duration_ms: int = 120, sca
     with atomic_path(path) as tmp:
         frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
     return path
+
+
+def save_run_pictures(pipe: Pipeline, codes: torch.Tensor, images: torch.Tensor, folder: Path, seed: int) -> None:
+    """The pictures a user looks at first, enlarged below 128²: reconstructions (rows of test
+    images, G, refined), samples from the default prior, samples of every prior raw and refined,
+    interpolations between test codes (through the prior where it is invertible) and variations
+    of test images. `codes` are those of the test `images` (32 of each)."""
+    from scatgen.refinement import refine_reconstructions
+
+    refining = pipe.cfg.refine.steps > 0
+    factor = display_scale(pipe.image_size)
+    recons = pipe.decode(codes, refine=0)
+    rows = [images, recons]
+    if refining:
+        rows.append(refine_reconstructions(pipe.scattering, recons, images, pipe.refine_settings()))
+    save_png(enlarge(rows_grid(rows), factor), folder / "reconstructions.png")
+    save_png(enlarge(grid(pipe.sample(64, seed=seed)), factor), folder / "samples.png")
+    by_prior = []
+    for kind in pipe.priors:
+        by_prior += [pipe.sample(8, seed=seed + 1, prior=kind, refine=0)]
+        by_prior += [pipe.sample(8, seed=seed + 1, prior=kind)] if refining else []
+    save_png(enlarge(grid(torch.cat(by_prior)), factor), folder / "samples-by-prior.png")
+    pairs = min(4, len(codes) // 2)
+    prior = pipe.priors[pipe.default_prior]
+    path = pipe.interpolate_codes(codes[0:2 * pairs:2], codes[1:2 * pairs:2], torch.linspace(0, 1, 10),
+                                  path="prior" if prior.invertible else "code")
+    save_png(enlarge(grid(pipe.decode(path.flatten(0, 1)), nrow=10), factor), folder / "interpolation.png")
+    if prior.invertible:
+        # Rows: a test image's decoding, then its variations at strength 0.5; one decode for all,
+        # as refinement does each image on its own whatever its batch.
+        rows = torch.cat([torch.cat([code[None], prior.vary(code[None].expand(9, -1), 0.5, seed)])
+                          for code in codes[:4]])
+        save_png(enlarge(grid(pipe.decode(rows), nrow=10), factor), folder / "variations.png")

@@ -1,6 +1,7 @@
 """codes → generator: regression training on accelerate, with checkpoints, resume and logging.
 
-Run directory:
+`Trainer` prepares the run (the run folder, the data, the encoder and its codes, the generator),
+trains to the budget and hands the end of the run to `scatgen.finish`. Run directory:
     config.yaml             the resolved config
     checkpoints/step-N/     accelerate state, for --run.resume
     logs/                   TensorBoard
@@ -11,12 +12,9 @@ Run directory:
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import signal
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -24,22 +22,20 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader
 
-from scatgen.bundle import save_bundle
-from scatgen.checkpoints import (RunLock, RunPaths, checkpoint_step, intact_checkpoint, nonfinite_tensors,
-                                 resume_conflicts)
-from scatgen.codes import CodeSet, prepare_codes
-from scatgen.config import Config, read_yaml, save_config
-from scatgen.data import CachedImages, build_dataset, cache_images, collate_skip_none
+from scatgen.checkpoints import (RunLock, RunPaths, check_run_directory, checkpoint_step, load_checkpoint,
+                                 nonfinite_tensors, save_checkpoint, set_aside_later)
+from scatgen.codes import prepare_codes
+from scatgen.config import Config, save_config
+from scatgen.data import build_dataset, cache_images, collate_skip_none
+from scatgen.data.batches import CodedImages, StepBatches, first_readable
+from scatgen.finish import finish_run
 from scatgen.generators import Generator, build_generator
 from scatgen.metrics import psnr
-from scatgen.pictures import display_scale, enlarge, grid, rows_grid, save_png, to_unit
-from scatgen.integrity import write_manifest
-from scatgen.pipeline import Pipeline
-from scatgen.prior import CodePrior, fit_prior
-from scatgen.refinement import refine_reconstructions
+from scatgen.pictures import grid, rows_grid, to_unit
+from scatgen.prior import NormalPrior
+from scatgen.speed import StepRate, budget_steps, usable_cores, warn_slowdown
 from scatgen.utils import atomic_path, progress_bar
 
 
@@ -57,105 +53,6 @@ class TrainingStopped(KeyboardInterrupt):
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class CodedImages(Dataset):
-    """Item j → (codes[j], image of dataset item indices[j]), or None if that file became unreadable."""
-
-    def __init__(self, dataset: Dataset, codeset: CodeSet) -> None:
-        self.dataset, self.codeset = dataset, codeset
-
-    def __len__(self) -> int:
-        return len(self.codeset.codes)
-
-    def __getitem__(self, j: int):
-        image = self.dataset[int(self.codeset.indices[j])]
-        return None if image is None else (self.codeset.codes[j], image)
-
-    def __getitems__(self, js: list[int]) -> list:
-        """The DataLoader's batched read: one fancy index of the image cache instead of B item reads."""
-        if not isinstance(self.dataset, CachedImages):
-            return [self[j] for j in js]
-        images, readable = self.dataset.images(self.codeset.indices[js])
-        return list(zip(self.codeset.codes[js][readable], images))
-
-
-class StepBatches(torch.utils.data.Sampler):
-    """The batches of global steps [start, stop) for one rank.
-
-    The order is a pure function of (seed, step), so a resumed run sees the same data
-    as an uninterrupted one without restoring any sampler state.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, rank: int, world: int) -> None:
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.start, self.stop, self.rank, self.world = start, stop, rank, world
-        self.steps_per_epoch = n // (batch_size * world)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"train.batch_size={batch_size} × {world} process(es) exceeds the {n} train images; "
-                             f"lower train.batch_size")
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __iter__(self):
-        epoch, perm = -1, None
-        for step in range(self.start, self.stop):
-            if step // self.steps_per_epoch != epoch:
-                epoch = step // self.steps_per_epoch
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-            first = (step % self.steps_per_epoch) * self.batch_size * self.world + self.rank * self.batch_size
-            yield perm[first:first + self.batch_size].tolist()
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-class StepRate:
-    """Steps per second over each logging window, evaluation and checkpoint time excluded.
-
-    `collapsed()` flags, once, a window at least SLOWDOWN times slower than the fastest one seen
-    after the first (which holds the warm-up). A step's work is fixed, so its time varies by a few
-    per cent; a drop of that size means something else took the processor (one busy neighbour on
-    2 cores cost 3.4–3.8× with OpenMP's default spinning, 1.6–1.7× with OMP_WAIT_POLICY=PASSIVE:
-    benchmarks/README.md, "Contention")."""
-
-    SLOWDOWN = 3.0
-
-    def __init__(self, step: int) -> None:
-        self.step, self.time, self.excluded = step, time.time(), 0.0
-        self.windows, self.best, self.current, self.warned = 0, 0.0, 0.0, False
-
-    def exclude(self, seconds: float) -> None:
-        self.excluded += seconds
-
-    def rate(self, step: int) -> float:
-        now = time.time()
-        self.current = (step - self.step) / max(now - self.time - self.excluded, 1e-9)
-        self.windows += 1
-        if self.windows > 1:
-            self.best = max(self.best, self.current)
-        self.step, self.time, self.excluded = step, now, 0.0
-        return self.current
-
-    def collapsed(self) -> bool:
-        if self.warned or self.windows < 3 or self.current * self.SLOWDOWN > self.best:
-            return False
-        self.warned = True
-        return True
-
-
-def warn_slowdown(rate: StepRate) -> None:
-    threads = torch.get_num_threads()
-    tqdm.write(f"warning: training slowed to {rate.current:.1f} steps/s from {rate.best:.1f}; another busy process "
-               f"is probably competing for the {usable_cores()} core(s) that torch's {threads} threads use. Stop it, "
-               f"or start runs that share the machine with OMP_WAIT_POLICY=PASSIVE in the environment (beside one busy "
-               f"process: 1.6× slower instead of 3.8×; alone: about 22% slower)",
-               file=sys.stderr)
 
 
 def lr_factor(step: int, cfg: Config, total: int, train_seconds: float = 0.0) -> float:
@@ -184,7 +81,7 @@ def noisy_codes(codes: torch.Tensor, variances: torch.Tensor, level: float, seed
 
 
 @torch.no_grad()
-def test_psnr(generator: Generator, codes: torch.Tensor, images: torch.Tensor, batch_size: int = 256) -> float:
+def reconstruction_psnr(generator: Generator, codes: torch.Tensor, images: torch.Tensor, batch_size: int = 256) -> float:
     """Mean per-image PSNR (dB, images in [0, 1]), infinite values excluded from the mean."""
     was_training = generator.training
     generator.eval()
@@ -232,7 +129,7 @@ class Trainer:
         found: dict[str, Path | None] = {}
 
         def check() -> None:
-            found["resume_from"] = self._check_run_directory()
+            found["resume_from"] = check_run_directory(cfg, self.paths, clear=self.accelerator.is_main_process)
 
         main = self.accelerator.is_main_process
         self._all_ranks_or_raise(check if main else None)
@@ -267,10 +164,7 @@ class Trainer:
             generator.compile()  # in place: state_dict keys, checkpoints and bundles stay as in eager mode
         optimizer = torch.optim.AdamW(generator.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.train_seconds = 0.0  # wall-clock time in training steps, evaluation excluded
-        # Stepped by hand: accelerate's wrapper would step it once per process.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, self.total_steps, self.train_seconds))
         self.model, self.optimizer = self.accelerator.prepare(generator, optimizer)
-        self.accelerator.register_for_checkpointing(self.scheduler)
         self.step = 0
         self.history: list[dict[str, float]] = []  # test PSNR against step and train_seconds
         self.last_checkpoint: Path | None = None  # newest checkpoint known intact and finite
@@ -312,34 +206,6 @@ class Trainer:
         if self._any_rank(error is not None):
             raise error if error is not None else RuntimeError("another process of this run failed to start")
 
-    def _check_run_directory(self) -> Path | None:
-        """The checkpoint to resume from (verified, its config compatible), or None for a fresh
-        run, which may not start over another run's checkpoints or bundle unless told to."""
-        cfg, paths = self.cfg, self.paths
-        if cfg.run.resume:
-            path = intact_checkpoint(paths, cfg.run.resume)
-            trained = path / "config.yaml" if (path / "config.yaml").is_file() else paths.root / "config.yaml"
-            if trained.is_file():
-                conflicts = resume_conflicts(read_yaml(trained, "checkpoint config"), cfg)
-                if conflicts:
-                    raise ValueError(
-                        f"cannot resume from {path}: the config changes what it was trained on "
-                        f"({'; '.join(conflicts)}). Resume with the checkpoint's values, or start a new run in "
-                        f"another --run.out_dir")
-            return path
-        previous = [p for p in (paths.latest_checkpoint(), paths.model / "bundle.json") if p is not None and p.exists()]
-        if previous and not cfg.run.overwrite:
-            raise ValueError(
-                f"run.out_dir '{paths.root}' already holds a run ({previous[0]}); continue it with "
-                f"--run.resume=latest, replace it with --run.overwrite=true, or choose another --run.out_dir")
-        if previous and self.accelerator.is_main_process:
-            for old in (paths.checkpoints, paths.model, paths.images, paths.logs, paths.root / "metrics.json"):
-                if old.is_dir():
-                    shutil.rmtree(old)
-                elif old.exists():
-                    old.unlink()
-        return None
-
     # -- checkpoints -------------------------------------------------------------------------------
 
     def _no_good_checkpoint_note(self) -> str:
@@ -374,140 +240,51 @@ class Trainer:
             raise NonFiniteLossError(
                 f"the model became non-finite by step {self.step} ({', '.join(bad[:3]) or 'on another process'}"
                 f"{', …' if len(bad) > 3 else ''}), so no checkpoint was written; {self._no_good_checkpoint_note()}")
-        final = self.paths.checkpoints / f"step-{self.step:07d}"
-        tmp = self.paths.checkpoints / f".tmp-step-{self.step:07d}"
-        acc = self.accelerator
-        if acc.is_main_process:
-            for stale in self.paths.checkpoints.glob(".tmp-step-*"):  # left by a killed run
-                shutil.rmtree(stale, ignore_errors=True)
-        acc.wait_for_everyone()
-        try:
-            acc.save_state(str(tmp), safe_serialization=True)
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                (tmp / "trainer_state.json").write_text(json.dumps(
-                    {"step": self.step, "total_steps": self.total_steps, "train_seconds": self.train_seconds,
-                     "history": self.history}))
-                save_config(self.cfg, tmp / "config.yaml")
-                write_manifest(tmp)
-                if final.exists():
-                    shutil.rmtree(final)
-                tmp.rename(final)
-        finally:
-            if acc.is_main_process and tmp.exists():  # a failed write (disk full) leaves nothing behind
-                shutil.rmtree(tmp, ignore_errors=True)
-        if acc.is_main_process:
-            kept = [p for p in self.paths.checkpoint_list() if checkpoint_step(p) <= self.step]
-            for old in kept[:-self.cfg.train.keep_checkpoints]:
-                shutil.rmtree(old)
-        acc.wait_for_everyone()
-        self.last_checkpoint = final
-        return final
+        self.last_checkpoint = save_checkpoint(self.accelerator, self.paths, self.cfg, {
+            "step": self.step, "total_steps": self.total_steps, "train_seconds": self.train_seconds,
+            "history": self.history})
+        return self.last_checkpoint
 
     def resume(self, path: Path) -> None:
-        """Load a checkpoint chosen (and verified) by _check_run_directory; then apply the fields a
-        resume may change, which the restored optimizer and scheduler would otherwise override."""
-        try:
-            self.accelerator.load_state(str(path))
-            state = json.loads((path / "trainer_state.json").read_text())
-            self.step, self.train_seconds, self.history = state["step"], state["train_seconds"], state["history"]
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise ValueError(f"checkpoint '{path}' cannot be loaded ({str(e).splitlines()[0]}); resume from "
-                             f"another checkpoint, or start afresh with --run.overwrite=true") from None
-        t = self.cfg.train
-        self.scheduler.base_lrs = [t.lr for _ in self.optimizer.param_groups]
+        """Continue from a checkpoint chosen (and verified) by check_run_directory. The learning
+        rate follows train.lr and the step (it is set every step); the weight decay is the config's,
+        which a resume may change."""
+        state = load_checkpoint(self.accelerator, path)
+        self.step, self.train_seconds, self.history = state["step"], state["train_seconds"], state["history"]
         for group in self.optimizer.param_groups:
-            group["initial_lr"], group["weight_decay"] = t.lr, t.weight_decay
-            group["lr"] = t.lr * lr_factor(self.step, self.cfg, self.total_steps, self.train_seconds)
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-        # Checkpoints after this one belong to a run that went on from here; set them aside so that
-        # neither pruning nor a later --run.resume=latest mixes the two.
+            group["weight_decay"] = self.cfg.train.weight_decay
+        self._set_lr()
         if self.accelerator.is_main_process:
-            for later in self.paths.checkpoint_list():
-                if checkpoint_step(later) > self.step:
-                    later.rename(later.with_name(f"superseded-{later.name}"))
-                    self.accelerator.print(f"notice: {later.name} is newer than the resumed step; "
-                                           f"moved to superseded-{later.name}")
+            for name in set_aside_later(self.paths, self.step):
+                self.accelerator.print(f"notice: {name} is newer than the resumed step; moved to superseded-{name}")
         self.last_checkpoint = path
-        self.accelerator.print(f"resumed from {path} at step {self.step} (lr {t.lr:g})")
+        self.accelerator.print(f"resumed from {path} at step {self.step} (lr {self.cfg.train.lr:g})")
 
-    # -- evaluation and pictures -------------------------------------------------------------------
+    def _set_lr(self) -> None:
+        lr = self.cfg.train.lr * lr_factor(self.step, self.cfg, self.total_steps, self.train_seconds)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
-    def _fixed_test_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        codeset = self.codesets["test"]
-        codes, images = [], []
-        for j in range(len(codeset.codes)):
-            if len(images) == n:
-                break
-            image = self.test_images[int(codeset.indices[j])]
-            if image is not None:
-                codes.append(codeset.codes[j])
-                images.append(image)
-        return torch.stack(codes), torch.stack(images)
+    # -- evaluation ----------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        """Test PSNR and image grids; main process only."""
+        """Test PSNR of G alone and image grids for TensorBoard; main process only."""
         t = self.cfg.train
         generator = self.accelerator.unwrap_model(self.model)
-        codes, images = self._fixed_test_batch(t.eval_images)
-        metrics = {"test/psnr": test_psnr(generator, codes, images)}
+        codes, images = first_readable(self.codesets["test"], self.test_images, t.eval_images)
+        metrics = {"test/psnr": reconstruction_psnr(generator, codes, images)}
         self.history.append({"step": self.step, "train_seconds": self.train_seconds, "test_psnr": metrics["test/psnr"]})
-        pipe = Pipeline(generator, self.encoder.whitening, self.cfg, device=self.accelerator.device)
-        # G alone: refinement would cost more than the evaluation itself.
-        recons = pipe.decode(codes[:t.grid_size], refine=0)
-        samples = pipe.sample(t.grid_size, seed=self.cfg.run.seed, prior="normal", refine=0)
+        noise = NormalPrior(self.encoder.d).sample(t.grid_size, seed=self.cfg.run.seed)
+        generator.eval()
+        with torch.no_grad():
+            recons, samples = (generator(c.to(self.accelerator.device))[0].float().cpu()
+                               for c in (codes[:t.grid_size], noise))
         generator.train()
         tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
         tracker.add_image("test/reconstructions", rows_grid([images[:t.grid_size], recons]), self.step)
         tracker.add_image("samples/fixed_noise", grid(samples), self.step)
         self.accelerator.log(metrics, step=self.step)
         return metrics
-
-    def fit_prior(self) -> CodePrior | None:
-        """The config's code prior, fitted on the train codes (None for 'normal': nothing to fit)."""
-        if self.cfg.prior.kind == "normal":
-            return None
-        return fit_prior(self.codesets["train"].codes, self.cfg.prior, seed=self.cfg.run.seed,
-                         device=self.accelerator.device, progress=self.progress,
-                         eigenvalues=self.encoder.whitening.eigenvalues.cpu())
-
-    def save_pictures(self, priors: dict[str, CodePrior]) -> None:
-        """The pictures a user looks at first, enlarged ×4 below 64²: reconstructions (rows of
-        originals, G, refined), samples from the default prior, samples of every prior raw and
-        refined, interpolations between test codes (through the prior where it is invertible)
-        and variations of test images."""
-        generator = self.accelerator.unwrap_model(self.model)
-        pipe = Pipeline(generator, self.encoder.whitening, self.cfg, scattering=self.encoder.scattering,
-                        device=self.accelerator.device, priors=priors)
-        refining = self.cfg.refine.steps > 0
-        factor = display_scale(pipe.image_size)
-        codes, images = self._fixed_test_batch(32)
-        recons = pipe.decode(codes, refine=0)
-        rows = [images, recons]
-        if refining:
-            rows.append(refine_reconstructions(pipe.scattering, recons, images, pipe.refine_settings()))
-        save_png(enlarge(rows_grid(rows), factor), self.paths.images / "reconstructions.png")
-        samples = pipe.sample(64, seed=self.cfg.run.seed)
-        save_png(enlarge(grid(samples), factor), self.paths.images / "samples.png")
-        by_prior = []
-        for kind in pipe.priors:
-            seed = self.cfg.run.seed + 1
-            by_prior += [pipe.sample(8, seed=seed, prior=kind, refine=0)]
-            by_prior += [pipe.sample(8, seed=seed, prior=kind)] if refining else []
-        save_png(enlarge(grid(torch.cat(by_prior)), factor), self.paths.images / "samples-by-prior.png")
-        pairs = min(4, len(codes) // 2)  # >= 1: _check_split_sizes asks for two test images
-        invertible = pipe.priors[pipe.default_prior].invertible
-        path = pipe.interpolate_codes(codes[0:2 * pairs:2], codes[1:2 * pairs:2], torch.linspace(0, 1, 10),
-                                      path="prior" if invertible else "code")
-        save_png(enlarge(grid(pipe.decode(path.flatten(0, 1)), nrow=10), factor), self.paths.images / "interpolation.png")
-        if invertible:
-            # Rows: a test image's decoding, then its variations at strength 0.5; one decode for all,
-            # as refinement does each image on its own whatever its batch.
-            prior = pipe.priors[pipe.default_prior]
-            rows = torch.cat([torch.cat([code[None], prior.vary(code[None].expand(9, -1), 0.5, self.cfg.run.seed)])
-                              for code in codes[:4]])
-            save_png(enlarge(grid(pipe.decode(rows), nrow=10), factor), self.paths.images / "variations.png")
-        generator.train()
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -583,15 +360,15 @@ class Trainer:
                     seed = (cfg.run.seed * 1_000_003 + self.step) * 1009 + acc.process_index
                     codes = noisy_codes(codes, self.code_variances, t.code_noise, seed)
                 # 2. forward and backward
-                with acc.accumulate(self.model), acc.autocast():
+                with acc.autocast():
                     _, loss = self.model(codes, images, loss=t.loss)
                 self._note_nonfinite(loss)  # read back only when logging or checkpointing: no sync per step
                 acc.backward(loss)
                 if t.grad_clip > 0:
                     acc.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-                # 3. optimizer step
+                # 3. optimizer step, at this step's learning rate
+                self._set_lr()
                 self.optimizer.step()
-                self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 hook = getattr(acc.unwrap_model(self.model), "after_optimizer_step", None)
                 if hook is not None:
@@ -602,17 +379,15 @@ class Trainer:
                 if self.step % t.log_every == 0:
                     self._raise_if_nonfinite()
                     steps_per_s = window.rate(self.step)
-                    logs = {"train/loss": loss.item(), "train/lr": self.scheduler.get_last_lr()[0],
+                    logs = {"train/loss": loss.item(), "train/lr": self.optimizer.param_groups[0]["lr"],
                             "train/images_per_s": steps_per_s * t.batch_size * acc.num_processes}
                     logs.update({f"train/{k}": v for k, v in acc.unwrap_model(self.model).stats.items()})
                     acc.log(logs, step=self.step)
                     if self.progress and window.collapsed():
                         warn_slowdown(window)
                     if t.max_minutes > 0:  # the bar's total follows whichever budget ends the run first
-                        # The rate since start, not the last window's: the estimate should not jump.
-                        mean_rate = (self.step - first_step) / max(self.train_seconds - resumed_seconds, 1e-9)
-                        left = 60 * t.max_minutes - self.train_seconds
-                        bar.total = max(self.step, min(self.total_steps, int(self.step + left * mean_rate)))
+                        bar.total = budget_steps(self.step, first_step, self.total_steps, self.train_seconds,
+                                                 resumed_seconds, t.max_minutes)
                         bar.set_postfix(loss=f"{logs['train/loss']:.4f}",
                                         min=f"{self.train_seconds / 60:.1f}/{t.max_minutes:g}", refresh=False)
                     else:
@@ -637,19 +412,11 @@ class Trainer:
             raise TrainingStopped(self._stop_signal, checkpointed=True)
         if acc.is_main_process:
             metrics = self.evaluate()
-            metrics.update(steps=self.step, num_processes=acc.num_processes, minutes=(time.time() - start) / 60, train_minutes=self.train_seconds / 60,
-                           history=self.history)
-            generator = acc.unwrap_model(self.model)
-            tic = time.time()
-            prior = self.fit_prior()
-            metrics["prior_seconds"] = time.time() - tic
-            priors = {} if prior is None else {prior.kind: prior}
-            save_bundle(self.paths.model, generator, self.encoder.whitening, cfg, priors=list(priors.values()))
-            tic = time.time()
-            self.save_pictures(priors)
-            metrics["pictures_seconds"] = time.time() - tic
-            with atomic_path(self.paths.root / "metrics.json") as tmp:
-                tmp.write_text(json.dumps(metrics, indent=2))
+            metrics.update(steps=self.step, num_processes=acc.num_processes, minutes=(time.time() - start) / 60,
+                           train_minutes=self.train_seconds / 60, history=self.history)
+            codes, images = first_readable(self.codesets["test"], self.test_images, 32)
+            metrics = finish_run(cfg, self.paths, acc.unwrap_model(self.model), self.encoder,
+                                 self.codesets["train"].codes, codes, images, metrics, self.progress)
         acc.wait_for_everyone()
         acc.end_training()
         return metrics

@@ -18,7 +18,7 @@ from scatgen.config import DataConfig, load_config
 from scatgen.data import (CachedImages, CorruptImageWarning, ImageFolderDataset, PolygonDataset, build_dataset,
                           cache_images, collate_skip_none)
 from scatgen.data import cache as image_cache
-from scatgen.training import CodedImages, StepBatches
+from scatgen.data.batches import CodedImages, StepBatches
 
 
 class CountingPolygons(PolygonDataset):

@@ -196,10 +196,10 @@ def test_train_script_on_a_presplit_folder(tmp_path):
 
 
 def test_step_rate_flags_a_collapse_once_and_ignores_excluded_time(monkeypatch):
-    from scatgen.training import StepRate
+    from scatgen.speed import StepRate
 
     clock = {"t": 0.0}
-    monkeypatch.setattr("scatgen.training.time.time", lambda: clock["t"])
+    monkeypatch.setattr("scatgen.speed.time.time", lambda: clock["t"])
     rate = StepRate(0)
     step = 0
     for seconds in (5.0, 1.0, 1.1):  # warm-up window, then 20 steps/s
