@@ -56,9 +56,9 @@ def main() -> None:
     ]
     print(f"| codes, decoded and refined ({pipe.refine_settings().steps} steps) | precision | recall | s |")
     print("| --- | --- | --- | --- |")
-    for name, z, known in variants:
+    for name, z, dims in variants:
         tic = time.perf_counter()
-        images = pipe.decode(z, known=known)
+        images = pipe.decode(z, dims=dims)
         scores = precision_recall(real_feats, compute_features(net, to_unit(images), batch_size=64), k=3)
         print(f"| {name} | {scores['precision']:.3f} | {scores['recall']:.3f} | {time.perf_counter() - tic:.0f} |",
               flush=True)

@@ -397,7 +397,7 @@ def issue21_cases() -> list[Case]:
              "NaN or infinite", setup=shared_run, shown="pipe.decode(z with an inf, refine=2)"),
         Case("21.6c reconstruct of a NaN pixel", api("x[0, 0, 0, 0] = float('nan'); pipe.reconstruct(x)"), 1,
              "NaN or infinite", setup=shared_run, shown="pipe.reconstruct(x with a NaN)"),
-        Case("21.7 decode(known=-1)", api("pipe.decode(z, refine=1, known=-1)"), 1, "known", setup=shared_run),
+        Case("21.7 decode(dims=-1)", api("pipe.decode(z, refine=1, dims=-1)"), 1, "dims", setup=shared_run),
         Case("21.8a sample --out an existing file", lambda w: sample(w, "sample", "--out", str(w / "file")), 1,
              "a file is in the way", setup=lambda w: (shared_run(w), (w / "file").write_text("x"))),
         Case("21.8b evaluate --out under a file", lambda w: sample(w, "evaluate", "--out", str(w / "file" / "o")), 1,

@@ -113,7 +113,7 @@ def main(scratch: Path) -> None:
         probe("interpolate(steps)", kind, lambda v=value: pipe.interpolate(z[0], z[1], steps=v, refine=0))
         probe("vary(n)", kind, lambda v=value: pipe.vary(z[0], n=v, refine=0))
         probe("decode(refine)", kind, lambda v=value: pipe.decode(z, refine=v))
-        probe("decode(known)", kind, lambda v=value: pipe.decode(z, refine=1, known=v))
+        probe("decode(dims)", kind, lambda v=value: pipe.decode(z, refine=1, dims=v))
         probe("encode(batch_size)", kind, lambda v=value: pipe.encode(x, batch_size=v))
     for kind, value in {"2**70": 2**70, "-1": -1, "2.5": 2.5, "NumPy int64": np.int64(7), "'1'": "1"}.items():
         probe("sample(seed)", kind, lambda v=value: pipe.sample(2, seed=v, refine=0))

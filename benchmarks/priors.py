@@ -107,7 +107,7 @@ def main() -> None:
         codes, seconds = timed(pipe.random_codes, n, seed=args.seed, prior=kind)
         raw, more = timed(pipe.decode, codes, refine=0)
         measure(f"{kind}, G", raw, seconds + more, ceiling, recons, pipe.decode(test_codes, refine=0))
-        refined, more = timed(pipe.decode, codes, refine=args.refine, known=prior.modelled)
+        refined, more = timed(pipe.decode, codes, refine=args.refine, dims=prior.dims)
         measure(f"{kind}, refined", refined, seconds + more, ceiling, recons, ceiling_images)
         if prior.kind == "latent_flow":
             projected, seconds = timed(pipe.decode, prior.project(test_codes), refine=args.refine)

@@ -31,7 +31,6 @@ def worker(size: int, J: int, d: int, n: int, spill_gb: float) -> dict:
     from scatgen.coefficients import CoeffSpill, spill_fits
     from scatgen.encoder import fit_encoder
     from scatgen.config import load_config
-    from scatgen.data import build_dataset
     from scatgen.scattering import Scattering
 
     with tempfile.TemporaryDirectory() as cache:
@@ -51,7 +50,7 @@ def worker(size: int, J: int, d: int, n: int, spill_gb: float) -> dict:
         codes = encode_split(cfg, "test", encoder, progress=False)
         encode_rate = len(codes.codes) / (time.time() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"size": size, "J": J, "d": d, "N": n, "D": whitening.dim, "method": whitening.metadata["method"],
+    return {"size": size, "J": J, "d": d, "N": n, "D": whitening.D, "method": whitening.metadata["method"],
             "spill": spill is not None, "fit_s": fit_s, "peak_rss_mib": peak, "rss_before_fit_mib": rss_before,
             "encode_images_per_s": encode_rate, "torch_threads": torch.get_num_threads()}
 

@@ -6,7 +6,7 @@
       config.yaml             the resolved training config
       bundle.json             format version and the shapes that must agree
       priors/KIND.safetensors the fitted code priors (optional; without one, sampling uses N(0, I))
-      checksums.json          sha256 of every file above, checked on load (bundles from before it load unchecked)
+      checksums.json          sha256 of every file above, checked on load
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from scatgen.config import Config, config_from_dict, config_to_dict, read_yaml
+from scatgen.config import Config, config_from_dict, read_yaml, save_config
 from scatgen.generators import Generator, build_generator
 from scatgen.integrity import CorruptFileError, update_manifest, verify_manifest, write_manifest
 from scatgen.prior import CodePrior, load_prior, save_prior
@@ -33,11 +32,11 @@ _CHECKED = ("J", "L", "image_size", "d")
 
 def bundle_info(cfg: Config, whitening: Whitening) -> dict[str, Any]:
     return dict(format_version=FORMAT_VERSION, J=cfg.encoder.J, L=cfg.encoder.L, image_size=cfg.data.image_size,
-                d=whitening.d, D=whitening.dim, generator=cfg.generator.kind, dataset=cfg.data.name)
+                d=whitening.d, D=whitening.D, generator=cfg.generator.kind, dataset=cfg.data.name)
 
 
 def save_bundle(path: str | Path, generator: Generator, whitening: Whitening, cfg: Config,
-                extra: dict[str, Any] | None = None, priors: list[CodePrior] | None = None) -> Path:
+                priors: list[CodePrior] | None = None) -> Path:
     """Write the bundle directory atomically and return its path."""
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
@@ -45,9 +44,8 @@ def save_bundle(path: str | Path, generator: Generator, whitening: Whitening, cf
         tmp.mkdir()
         save_file(state, str(tmp / "model.safetensors"))
         whitening.save(tmp / "whitening.safetensors")
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        info = dict(bundle_info(cfg, whitening), num_parameters=sum(p.numel() for p in generator.parameters()),
-                    **(extra or {}))
+        save_config(cfg, tmp / "config.yaml")
+        info = dict(bundle_info(cfg, whitening), num_parameters=sum(p.numel() for p in generator.parameters()))
         (tmp / "bundle.json").write_text(json.dumps(info, indent=2))
         for prior in priors or []:
             save_prior(prior, tmp / "priors" / f"{prior.kind}.safetensors")
@@ -87,16 +85,15 @@ def find_bundle(path: str | Path) -> Path:
     )
 
 
-def load_bundle(path: str | Path, expected: dict[str, Any] | None = None,
-                device: torch.device | str = "cpu") -> tuple[Generator, Whitening, Config]:
-    """(generator in eval mode, whitening, config); refuses a bundle that disagrees with `expected`
-    (any of J, L, image_size, d) or with itself."""
+def load_bundle(path: str | Path, device: torch.device | str = "cpu") -> tuple[Generator, Whitening, Config]:
+    """(generator in eval mode, whitening, config); refuses a bundle whose parts disagree on J, L,
+    image_size or d."""
     path = find_bundle(path)
     for name in ("model.safetensors", "whitening.safetensors", "config.yaml"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"incomplete bundle '{path}': {name} is missing")
     try:
-        verify_manifest(path, required=False)
+        verify_manifest(path)
     except CorruptFileError as e:
         raise CorruptFileError(f"corrupt bundle: {e}; copy the bundle again or retrain") from None
     try:
@@ -116,8 +113,6 @@ def load_bundle(path: str | Path, expected: dict[str, Any] | None = None,
     whitening = Whitening.load(path / "whitening.safetensors")
     actual = bundle_info(cfg, whitening)
     sources = {"bundle.json": info, "whitening metadata": {**whitening.metadata, "d": whitening.d}}
-    if expected:
-        sources["the caller"] = expected
     for source, values in sources.items():
         for key in _CHECKED:
             if key in values and values[key] != actual[key]:

@@ -137,7 +137,7 @@ def intact_checkpoint(paths: RunPaths, where: str) -> Path:
         if not (path / TRAINER_STATE).is_file():
             raise FileNotFoundError(f"'{path}' is not a scatgen checkpoint (no trainer_state.json)")
         try:
-            verify_manifest(path, required=False)
+            verify_manifest(path)
         except CorruptFileError as e:
             raise CorruptFileError(f"cannot resume from {path}: {e}; resume from another checkpoint "
                                    f"(--run.resume=latest falls back to the newest intact one)") from None
@@ -148,7 +148,7 @@ def intact_checkpoint(paths: RunPaths, where: str) -> Path:
                                 f"start the run without --run.resume")
     for path in reversed(candidates):
         try:
-            verify_manifest(path, required=False)
+            verify_manifest(path)
             if not (path / TRAINER_STATE).is_file():
                 raise CorruptFileError(f"'{path}' has no trainer_state.json")
             return path

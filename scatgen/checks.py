@@ -134,11 +134,11 @@ def check_strength(strength: Any) -> float:
     return float(strength)
 
 
-def check_known(known: Any, d: int) -> int | None:
+def check_dims(dims: Any, d: int) -> int | None:
     """None (all d components) or a count in [0, d] of the leading code components refinement targets."""
-    if known is None:
+    if dims is None:
         return None
-    return whole_number(known, "known (the leading code components refinement targets; None = all)", 0, d)
+    return whole_number(dims, "dims (the leading code components refinement targets; None = all)", 0, d)
 
 
 def check_device(device: Any) -> torch.device:

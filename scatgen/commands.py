@@ -35,8 +35,9 @@ SAMPLE_CHUNK = 256  # sample --individual decodes, refines and writes this many 
 
 def run_base(args) -> Path:
     """The run folder of RUN (the parent of a bundle given directly)."""
-    run = Path(args.run)
-    return run.parent if (run / "bundle.json").is_file() else run
+    from scatgen.bundle import find_bundle
+
+    return find_bundle(args.run).parent
 
 
 def out_dir(args) -> Path:
@@ -125,11 +126,11 @@ def cmd_sample(pipe, args) -> None:
     # All codes at once, so that the images are pipe.sample(n)'s; decoded, refined and written a chunk
     # at a time, so that memory holds one chunk and the grid's first GRID_MAX images.
     codes = pipe.random_codes(args.n, seed=args.seed, temperature=args.temperature, prior=prior)
-    known = pipe.priors[prior].modelled
+    dims = pipe.priors[prior].dims
     shown = []
     chunks = range(0, args.n, SAMPLE_CHUNK)
     for start in progress_bar(chunks, desc="sampling", unit="chunk", disable=len(chunks) < 2, leave=False):
-        images = pipe.decode(codes[start:start + SAMPLE_CHUNK], refine=refine, known=known)
+        images = pipe.decode(codes[start:start + SAMPLE_CHUNK], refine=refine, dims=dims)
         shown.append(images[:max(0, GRID_MAX - start)])
         if args.individual:  # named as the grid is, so that runs with other settings never overwrite them
             for i, image in enumerate(images, start):
@@ -145,9 +146,9 @@ def cmd_interpolate(pipe, args) -> None:
     a, b = (endpoint(pipe, s, args.data_root, args.prior) for s in (args.a, args.b))
     # A prior's draw is information only in the components the prior models.
     seeds = any(spec.startswith("seed:") for spec in (args.a, args.b))
-    known = pipe.priors[args.prior or pipe.default_prior].modelled if seeds else None
+    dims = pipe.priors[args.prior or pipe.default_prior].dims if seeds else None
     path = args.path
-    path_images = pipe.interpolate(a, b, steps=args.steps, spherical=args.spherical, refine=args.refine, known=known,
+    path_images = pipe.interpolate(a, b, steps=args.steps, spherical=args.spherical, refine=args.refine, dims=dims,
                                    path=path, prior=args.prior)
     out = out_dir(args)
     stem = f"interpolation-{path}-{args.a}-{args.b}".replace(":", "").replace("/", "_")[:80]

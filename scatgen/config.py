@@ -48,7 +48,7 @@ class EncoderConfig:
 @dataclass
 class WhiteningConfig:
     d: int = 512  # code dimension
-    method: str = "auto"  # auto | exact | randomized; auto = exact when D <= 8192
+    method: str = "auto"  # auto | exact | randomized; auto = exact when D <= 2048 (whitening.EXACT_MAX_DIM)
     oversample: int = 64  # randomized: extra directions in the sketch
     power_iters: int = 2  # randomized: power iterations, each one pass over the data
     max_images: int = 0  # fit on at most this many train images; 0 = all
@@ -144,7 +144,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.loss": ("l1", "l2"),
     "train.schedule": ("constant", "cosine", "linear"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
-    "prior.kind": ("normal", "gmm", "flow", "latent_flow"),
     "prior.covariance": ("full", "diag"),
     "refine.optimizer": ("adam", "lbfgs"),
 }
@@ -152,8 +151,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 def _convert(value: Any, typ: Any, key: str) -> Any:
     """Convert `value` to the declared field type `typ`, or raise a ValueError naming `key`."""
-    if isinstance(typ, str):
-        typ = eval(typ, vars(typing) | {"tuple": tuple})  # annotations are strings under __future__
     origin = typing.get_origin(typ)
     try:
         if typ is bool:
@@ -241,7 +238,7 @@ def _apply(cfg: Config, flat: dict[str, Any]) -> None:
                 f"unknown config key '{key}'.{_closest(key, section_keys)} "
                 f"Valid keys in '{section}': {', '.join(section_keys)}"
             )
-        setattr(obj, name, _convert(value, fields[name].type, key))
+        setattr(obj, name, _convert(value, typing.get_type_hints(type(obj))[name], key))
 
 
 def flatten_keys(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -406,9 +403,27 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
+def check_refine(r: RefineConfig) -> None:
+    """The refine section's checks: validate runs them on a config, refinement on the settings it
+    is handed (which a library caller may have built by hand)."""
+    checks = [
+        (r.optimizer in CHOICES["refine.optimizer"],
+         f"refine.optimizer must be one of {', '.join(CHOICES['refine.optimizer'])}, got {short_repr(r.optimizer)}"),
+        (r.steps >= 0, f"refine.steps={r.steps} must be >= 0 (0 turns refinement off)"),
+        (r.batch_size > 0, f"refine.batch_size={r.batch_size} must be > 0"),
+        (all(math.isfinite(v) and v >= 0 for v in (r.lr, r.weighting, r.anchor, r.tv)) and r.lr > 0,
+         "refine.lr must be > 0, and refine.weighting, anchor and tv >= 0 (all finite)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
 def validate(cfg: Config) -> None:
     """Reject bad values before any work starts."""
-    for key, choices in CHOICES.items():
+    from scatgen.prior import PRIOR_KINDS
+
+    for key, choices in {**CHOICES, "prior.kind": PRIOR_KINDS}.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
@@ -463,16 +478,13 @@ def validate(cfg: Config) -> None:
         (math.isfinite(p.code_weighting) and 0 <= p.code_weighting <= 2,
          f"prior.code_weighting={p.code_weighting} must be a number in [0, 2] (0 = plain whitened error)"),
         (p.dims >= 0, f"prior.dims={p.dims} must be >= 0 (0, or more than whitening.d, models all components)"),
-        (r.steps >= 0, f"refine.steps={r.steps} must be >= 0 (0 turns refinement off)"),
-        (r.batch_size > 0, f"refine.batch_size={r.batch_size} must be > 0"),
-        (all(math.isfinite(v) and v >= 0 for v in (r.lr, r.weighting, r.anchor, r.tv)) and r.lr > 0,
-         "refine.lr must be > 0, and refine.weighting, anchor and tv >= 0 (all finite)"),
         (cfg.run.resume in ("", "latest") or Path(cfg.run.resume).exists(),
          f"run.resume='{cfg.run.resume}': expected '', 'latest' or an existing checkpoint folder"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    check_refine(r)
     scattering_dim = 3 * scattering_channels(e.J, e.L) * (d.image_size // 2**e.J) ** 2
     if w.d > scattering_dim:
         raise ValueError(f"whitening.d={w.d} exceeds the scattering dimension D={scattering_dim}; lower it")

@@ -167,7 +167,7 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
         samples[kind] = {"raw": pipe.decode(codes, refine=0)}
         if refine_cfg.steps > 0:
             samples[kind]["refined"], spent = _timed(refine_decodings, pipe.encoder,
-                                                     samples[kind]["raw"], codes, refine_cfg, pipe.priors[kind].modelled)
+                                                     samples[kind]["raw"], codes, refine_cfg, pipe.priors[kind].dims)
             seconds["decode"] += spent
     for kind, images in recons.items():
         p, s = psnr(to_unit(images), to_unit(real)), ssim(to_unit(images), to_unit(real))

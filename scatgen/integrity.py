@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from scatgen.utils import atomic_path
+
 MANIFEST = "checksums.json"
 
 
@@ -46,16 +48,13 @@ def write_manifest(folder: str | Path) -> Path:
     return path
 
 
-def verify_manifest(folder: str | Path, required: bool = True) -> None:
-    """Raise CorruptFileError naming the first file that is missing or differs from checksums.json.
-
-    A folder written before checksums existed has no manifest: accepted when `required` is False."""
+def verify_manifest(folder: str | Path) -> None:
+    """Raise CorruptFileError naming the first file that is missing or differs from checksums.json
+    (or when checksums.json itself is missing: the folder was not completely written)."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
-        if required:
-            raise CorruptFileError(f"'{folder}' has no {MANIFEST}: it was not completely written")
-        return
+        raise CorruptFileError(f"'{folder}' has no {MANIFEST}: it was not completely written")
     try:
         sums = json.loads(path.read_text())
         if not isinstance(sums, dict):
@@ -75,9 +74,8 @@ def update_manifest(folder: str | Path, relpath: str) -> None:
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
-        return  # a bundle from before checksums: nothing to keep consistent
+        raise CorruptFileError(f"'{folder}' has no {MANIFEST}: it was not completely written")
     sums = json.loads(path.read_text())
     sums[relpath] = file_sha256(folder / relpath)
-    tmp = path.with_name(f".tmp-{MANIFEST}")
-    tmp.write_text(json.dumps(sums, indent=1))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(sums, indent=1))

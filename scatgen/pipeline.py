@@ -29,7 +29,7 @@ import torch
 from huggingface_hub import ModelHubMixin, snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-from scatgen.checks import (check_code_or_image, check_codes, check_device, check_images, check_known, check_seed,
+from scatgen.checks import (check_code_or_image, check_codes, check_device, check_images, check_dims, check_seed,
                             positive_number, whole_number)
 from scatgen.config import Config, RefineConfig
 from scatgen.encoder import Encoder
@@ -135,14 +135,14 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         return self.encoder.encode(check_images(images, self.image_size), whole_number(batch_size, "batch_size", 1))
 
     def decode(self, codes: torch.Tensor, refine: int | None = None, batch_size: int = 256,
-               known: int | None = None) -> torch.Tensor:
+               dims: int | None = None) -> torch.Tensor:
         """codes (B, d) → images (B, 3, N, N) in [-1, 1]: G(z), then `refine` steps towards
-        the code's coefficients in the whitening's PCA basis (its `known` leading ones, 0..d; None: all).
+        the code's coefficients in the whitening's PCA basis (its `dims` leading ones, 0..d; None: all).
 
         Codes of any floating dtype are converted to float32; integer or bool codes and NaN/inf
         are refused. A long decode shows a progress bar on stderr."""
         codes = check_codes(codes, self.d)
-        known = check_known(known, self.d)
+        dims = check_dims(dims, self.d)
         batch_size = whole_number(batch_size, "batch_size", 1)
         cfg = self.refine_settings(refine)
         n = self.image_size
@@ -157,7 +157,7 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
                 out[start:start + len(chunk)] = self.generator(chunk)[0].float().cpu()
         if cfg.steps == 0:
             return out
-        return refine_decodings(self.encoder, out, codes, cfg, known)
+        return refine_decodings(self.encoder, out, codes, cfg, dims)
 
     def random_codes(self, n: int, seed: int = 0, temperature: float = 1.0, prior: str | None = None) -> torch.Tensor:
         """n codes from a prior ('normal', or one the bundle holds; None = the default)."""
@@ -170,7 +170,7 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         """n images decoded from the prior's codes (temperature scales its noise). Refinement
         targets the components the prior models; the rest are its noise, not information."""
         codes = self.random_codes(n, seed, temperature, prior)
-        return self.decode(codes, refine=refine, known=self.priors[prior or self.default_prior].modelled)
+        return self.decode(codes, refine=refine, dims=self.priors[prior or self.default_prior].dims)
 
     def reconstruct(self, images: torch.Tensor, refine: int | None = None) -> torch.Tensor:
         """G(L S_J x), then `refine` steps towards the full S_J x (images as for encode)."""
@@ -215,10 +215,10 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         return codes + rest
 
     def interpolate(self, a: torch.Tensor, b: torch.Tensor, steps: int = 8, spherical: bool = False,
-                    refine: int | None = None, known: int | None = None, path: str = "code",
+                    refine: int | None = None, dims: int | None = None, path: str = "code",
                     prior: str | None = None) -> torch.Tensor:
         """Decode `steps` codes from a to b (each (d,), or an image (3, N, N) to encode first)
-        along `path` (see interpolate_codes); `known` as in decode (the prior's modelled components
+        along `path` (see interpolate_codes); `dims` as in decode (the prior's modelled components
         when an end is a prior's draw). 'code' is the default: through the prior did not measure
         better on polygons (benchmarks/README.md)."""
         steps = whole_number(steps, "steps (images along the path, both ends included)", 2)
@@ -227,7 +227,7 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         a, b = (check_code_or_image(v, self.d, self.image_size, name) for v, name in ((a, "a"), (b, "b")))
         a, b = (self.encoder.encode(v[None])[0] if v.ndim == 3 else v for v in (a, b))
         codes = self.interpolate_codes(a[None], b[None], torch.linspace(0, 1, steps), path, spherical, prior)[0]
-        return self.decode(codes, refine=refine, known=known)
+        return self.decode(codes, refine=refine, dims=dims)
 
     def vary(self, image: torch.Tensor, strength: float = 0.5, n: int = 8, seed: int = 0,
              prior: str | None = None, refine: int | None = None) -> torch.Tensor:

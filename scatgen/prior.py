@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,6 @@ from scatgen.checks import check_strength
 from scatgen.config import PriorConfig
 from scatgen.utils import atomic_path, progress_bar
 
-PRIOR_KINDS = ("normal", "gmm", "flow", "latent_flow")
 
 
 class CodePrior(nn.Module):
@@ -55,11 +56,11 @@ class CodePrior(nn.Module):
         if not 0 <= dims <= d:
             raise ValueError(f"prior.dims={dims} must be between 0 (all) and the code size d={d}")
         self.d = d
-        self.modelled = dims or d  # the leading components this prior models; the rest are N(0, I)
+        self.dims = dims or d  # the leading components this prior models; the rest are N(0, I)
 
     def settings(self) -> dict[str, Any]:
         """JSON-serialisable arguments that rebuild the module (with its tensors)."""
-        return {"d": self.d, "dims": self.modelled}
+        return {"d": self.d, "dims": self.dims}
 
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0, temperature: float = 1.0) -> torch.Tensor:
@@ -69,7 +70,7 @@ class CodePrior(nn.Module):
         if not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
         generator = torch.Generator().manual_seed(seed)
-        rest = temperature * torch.randn(n, self.d - self.modelled, generator=generator)
+        rest = temperature * torch.randn(n, self.d - self.dims, generator=generator)
         return torch.cat([self._sample(n, generator, temperature), rest], dim=1)
 
     def _sample(self, n: int, generator: torch.Generator, temperature: float) -> torch.Tensor:
@@ -120,7 +121,7 @@ class NormalPrior(CodePrior):
     invertible = True
 
     def _sample(self, n: int, generator: torch.Generator, temperature: float) -> torch.Tensor:
-        return temperature * torch.randn(n, self.modelled, generator=generator)
+        return temperature * torch.randn(n, self.dims, generator=generator)
 
 
 class GaussianMixturePrior(CodePrior):
@@ -131,7 +132,7 @@ class GaussianMixturePrior(CodePrior):
     def __init__(self, d: int, components: int, covariance: str = "full", dims: int = 0) -> None:
         super().__init__(d, dims)
         self.covariance = covariance
-        d = self.modelled
+        d = self.dims
         self.register_buffer("weights", torch.full((components,), 1.0 / components))
         self.register_buffer("means", torch.zeros(components, d))
         # A_k for full covariances, the standard deviations for diagonal ones.
@@ -139,11 +140,11 @@ class GaussianMixturePrior(CodePrior):
                              else torch.ones(components, d))
 
     def settings(self) -> dict[str, Any]:
-        return {"d": self.d, "dims": self.modelled, "components": len(self.weights), "covariance": self.covariance}
+        return {"d": self.d, "dims": self.dims, "components": len(self.weights), "covariance": self.covariance}
 
     def _sample(self, n: int, generator: torch.Generator, temperature: float) -> torch.Tensor:
         which = torch.multinomial(self.weights.cpu(), n, replacement=True, generator=generator)
-        eps = temperature * torch.randn(n, self.modelled, generator=generator)
+        eps = temperature * torch.randn(n, self.dims, generator=generator)
         scales = self.scales.cpu()[which]
         offsets = torch.einsum("nij,nj->ni", scales, eps) if self.covariance == "full" else scales * eps
         return self.means.cpu()[which] + offsets
@@ -154,7 +155,7 @@ def fit_gmm(codes: torch.Tensor, components: int = 10, covariance: str = "full",
     """EM on the `dims` leading components of codes (n, d) (0: all) in float64; k-means++
     seeding; `reg` is added to every covariance's diagonal."""
     prior = GaussianMixturePrior(codes.shape[1], components, covariance, dims)
-    x = codes[:, :prior.modelled].double()
+    x = codes[:, :prior.dims].double()
     n, d = x.shape
     if n < components:
         raise ValueError(f"a {components}-component mixture needs at least {components} codes, got {n}")
@@ -282,25 +283,25 @@ class FlowPrior(CodePrior):
 
     @property
     def state_dims(self) -> int:
-        return self.modelled
+        return self.dims
 
     def settings(self) -> dict[str, Any]:
-        return {"d": self.d, "dims": self.modelled, "width": self.width, "depth": self.depth,
+        return {"d": self.d, "dims": self.dims, "width": self.width, "depth": self.depth,
                 "sample_steps": self.sample_steps}
 
     def codes_to_state(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes[:, :self.modelled]
+        return codes[:, :self.dims]
 
     def state_to_codes(self, state: torch.Tensor) -> torch.Tensor:
         """Codes (n, d) for states (n, m); components the flow does not model are 0."""
-        return torch.cat([state, state.new_zeros(len(state), self.d - self.modelled)], dim=1)
+        return torch.cat([state, state.new_zeros(len(state), self.d - self.dims)], dim=1)
 
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 
     def _sample(self, n: int, generator: torch.Generator, temperature: float) -> torch.Tensor:
         noise = temperature * torch.randn(n, self.state_dims, generator=generator)
-        return self._from_noise(noise)[:, :self.modelled]
+        return self._from_noise(noise)[:, :self.dims]
 
     @torch.no_grad()
     def _from_noise(self, noise: torch.Tensor) -> torch.Tensor:
@@ -479,16 +480,9 @@ def fit_prior(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device: torc
     whitening's eigenvalues (d,) when cfg.code_weighting > 0."""
     if codes.ndim != 2 or len(codes) < 2:
         raise ValueError(f"a prior is fitted on codes of shape (n >= 2, d), got {tuple(codes.shape)}")
-    if cfg.kind == "normal":
-        return NormalPrior(codes.shape[1])
-    if cfg.kind == "gmm":
-        return fit_gmm(codes, cfg.components, cfg.covariance, seed=seed, progress=progress,
-                       dims=min(cfg.dims, codes.shape[1]))
-    if cfg.kind == "flow":
-        return fit_flow(codes, cfg, seed=seed, device=device, progress=progress)
-    if cfg.kind == "latent_flow":
-        return fit_latent_flow(codes, cfg, seed=seed, device=device, progress=progress, eigenvalues=eigenvalues)
-    raise ValueError(f"unknown prior kind {cfg.kind!r}; expected one of {', '.join(PRIOR_KINDS)}")
+    if cfg.kind not in PRIORS:
+        raise ValueError(f"unknown prior kind {cfg.kind!r}; expected one of {', '.join(PRIOR_KINDS)}")
+    return PRIORS[cfg.kind].fit(codes, cfg, seed, device, progress, eigenvalues)
 
 
 def save_prior(prior: CodePrior, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -511,11 +505,40 @@ def load_prior(path: str | Path) -> CodePrior:
             meta = json.loads((f.metadata() or {})["scatgen_prior"])
             tensors = {k: f.get_tensor(k) for k in f.keys() if k != "_empty"}
         kind, settings = meta["kind"], meta["settings"]
-        cls = {"normal": NormalPrior, "gmm": GaussianMixturePrior, "flow": FlowPrior,
-               "latent_flow": LatentFlowPrior}[kind]
-        prior = cls(**settings)
+        prior = PRIORS[kind].cls(**settings)
         prior.load_state_dict(tensors)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as e:
         raise ValueError(f"prior file '{path}' is unreadable or corrupt ({type(e).__name__}: {e}); "
                          f"refit it with `sample.py fit-prior RUN`") from None
     return prior.eval()
+
+
+def _fit_normal(codes: torch.Tensor, cfg: PriorConfig, *_: Any) -> NormalPrior:
+    return NormalPrior(codes.shape[1])
+
+
+def _fit_gmm(codes: torch.Tensor, cfg: PriorConfig, seed: int, device: Any, progress: bool,
+             eigenvalues: Any) -> GaussianMixturePrior:
+    return fit_gmm(codes, cfg.components, cfg.covariance, seed=seed, progress=progress,
+                   dims=min(cfg.dims, codes.shape[1]))
+
+
+def _fit_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int, device: torch.device | str, progress: bool,
+              eigenvalues: Any) -> FlowPrior:
+    return fit_flow(codes, cfg, seed=seed, device=device, progress=progress)
+
+
+@dataclass(frozen=True)
+class PriorKind:
+    cls: type[CodePrior]
+    fit: Callable[..., CodePrior]  # (codes, cfg, seed, device, progress, eigenvalues) → a fitted prior
+
+
+# The one list of prior kinds: config validation, the commands' choices, fitting and loading read it.
+PRIORS: dict[str, PriorKind] = {
+    "normal": PriorKind(NormalPrior, _fit_normal),
+    "gmm": PriorKind(GaussianMixturePrior, _fit_gmm),
+    "flow": PriorKind(FlowPrior, _fit_flow),
+    "latent_flow": PriorKind(LatentFlowPrior, fit_latent_flow),
+}
+PRIOR_KINDS = tuple(PRIORS)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from scatgen.config import RefineConfig
+from scatgen.config import RefineConfig, check_refine
 from scatgen.encoder import Encoder
 from scatgen.scattering import Scattering
 from scatgen.utils import progress_bar
@@ -51,13 +51,13 @@ def image_objective(target_coeffs: torch.Tensor) -> Objective:
 
 
 def code_objective(whitening: Whitening, codes: torch.Tensor, start_coeffs: torch.Tensor,
-                   weighting: float = 0.0, anchor: float = 1.0, known: int | None = None) -> Objective:
+                   weighting: float = 0.0, anchor: float = 1.0, dims: int | None = None) -> Objective:
     """E(x) for codes (B, d), with S_J x₀ = start_coeffs (B, D) (see the module docstring).
 
-    Only the `known` leading code components are targets (None: all d); the rest, like the
+    Only the `dims` leading code components are targets (None: all d); the rest, like the
     D − d coefficients outside the code, are anchored to x₀'s. A prior that models the leading
     components alone fills the others with noise, which is no target for refinement."""
-    k = whitening.d if known is None else known
+    k = whitening.d if dims is None else dims
     U, lam, mu = whitening.basis[:, :k], whitening.eigenvalues[:k], whitening.mean
     weights = lam.pow(-weighting)
     target = whitening.coordinates(codes, k)
@@ -152,6 +152,7 @@ def descend(scattering: Scattering, start: torch.Tensor, objective: Objective, c
         e = objective(scattering(x).reshape(x.shape[0], -1))
         return e + cfg.tv * total_variation(x) if cfg.tv > 0 else e
 
+    check_refine(cfg)
     x = start.detach().float().clone().clamp_(-1, 1)
     with torch.enable_grad():
         if cfg.optimizer == "adam":
@@ -165,7 +166,7 @@ def descend(scattering: Scattering, start: torch.Tensor, objective: Objective, c
                     x.clamp_(-1, 1)
                 if on_step is not None:
                     on_step(i + 1, x.detach())
-        elif cfg.optimizer == "lbfgs":
+        else:  # lbfgs
             def energy_and_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 x = x.detach().requires_grad_(True)
                 e = energy(x)
@@ -176,23 +177,14 @@ def descend(scattering: Scattering, start: torch.Tensor, objective: Objective, c
             x = lbfgs(x, energy_and_grad, cfg.steps,
                       on_step=None if on_step is None else lambda i, x: on_step(i, x.clamp(-1, 1)))
             x.clamp_(-1, 1)
-        else:
-            raise ValueError(f"refine.optimizer must be 'adam' or 'lbfgs', got {cfg.optimizer!r}")
     return x.detach()
-
-
-def _check(cfg: RefineConfig) -> None:
-    if cfg.steps < 0:
-        raise ValueError(f"refinement steps must be >= 0, got {cfg.steps}; 0 turns refinement off")
-    if cfg.batch_size < 1:
-        raise ValueError(f"refinement batch_size must be >= 1, got {cfg.batch_size}")
 
 
 def refine_reconstructions(scattering: Scattering, start: torch.Tensor, images: torch.Tensor,
                            cfg: RefineConfig) -> torch.Tensor:
     """Refine G(L S_J x_t) = start (B, 3, N, N) towards the full S_J x_t of images (B, 3, N, N):
     all D coefficients are known, so no whitening is involved."""
-    _check(cfg)
+    check_refine(cfg)
     if cfg.steps == 0:
         return start
     device = next(iter(scattering.buffers()), torch.empty(0)).device
@@ -206,10 +198,10 @@ def refine_reconstructions(scattering: Scattering, start: torch.Tensor, images: 
 
 
 def refine_decodings(encoder: Encoder, start: torch.Tensor, codes: torch.Tensor, cfg: RefineConfig,
-                     known: int | None = None) -> torch.Tensor:
+                     dims: int | None = None) -> torch.Tensor:
     """Refine G(z) = start (B, 3, N, N) so that L S_J x matches the codes z (B, d), or their
-    `known` leading components."""
-    _check(cfg)
+    `dims` leading components."""
+    check_refine(cfg)
     if cfg.steps == 0:
         return start
     out = []
@@ -218,6 +210,6 @@ def refine_decodings(encoder: Encoder, start: torch.Tensor, codes: torch.Tensor,
         with torch.no_grad():
             start_coeffs = encoder.coefficients(x0.float())
         objective = code_objective(encoder.whitening, z.to(encoder.device), start_coeffs, cfg.weighting, cfg.anchor,
-                                   known)
+                                   dims)
         out.append(descend(encoder.scattering, x0, objective, cfg).cpu())
     return torch.cat(out)

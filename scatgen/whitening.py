@@ -45,18 +45,19 @@ class Whitening(nn.Module):
         self.metadata = dict(metadata or {})
 
     @property
-    def dim(self) -> int:
-        """D, the number of scattering coefficients."""
+    def D(self) -> int:
+        """The number of scattering coefficients."""
         return self.basis.shape[0]
 
     @property
     def d(self) -> int:
+        """The code size."""
         return self.basis.shape[1]
 
     def forward(self, coeffs: torch.Tensor) -> torch.Tensor:
         coeffs = coeffs.reshape(coeffs.shape[0], -1).float()
-        if coeffs.shape[1] != self.dim:
-            raise ValueError(f"expected coeffs with D={self.dim} values, got {coeffs.shape[1]}")
+        if coeffs.shape[1] != self.D:
+            raise ValueError(f"expected coeffs with D={self.D} values, got {coeffs.shape[1]}")
         return ((coeffs - self.mean) @ self.basis) * self.eigenvalues.rsqrt()
 
     def coordinates(self, codes: torch.Tensor, k: int | None = None) -> torch.Tensor:
@@ -75,7 +76,7 @@ class Whitening(nn.Module):
         return h.hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:
-        meta = dict(self.metadata, d=self.d, D=self.dim, eigenvalues=self.eigenvalues.tolist(),
+        meta = dict(self.metadata, d=self.d, D=self.D, eigenvalues=self.eigenvalues.tolist(),
                     fingerprint=self.fingerprint())
         tensors = {"mean": self.mean.cpu(), "basis": self.basis.cpu(), "eigenvalues": self.eigenvalues.cpu()}
         with atomic_path(path) as tmp:

@@ -197,16 +197,16 @@ def test_nonfinite_codes_and_pixels_are_refused(pipe, images):
             pipe.interpolate(z[1], codes[0], steps=3, refine=0)
 
 
-# 7. decode(known=...) -----------------------------------------------------------------------------------------
+# 7. decode(dims=...) -----------------------------------------------------------------------------------------
 
 def test_known_must_be_a_count_of_components(pipe):
     codes = pipe.random_codes(2, seed=0)
     for bad in (-1, pipe.d + 1):
-        with pytest.raises(ValueError, match=rf"known .* must be in \[0, {pipe.d}\]"):
-            pipe.decode(codes, refine=1, known=bad)
-    with pytest.raises(TypeError, match="known .* whole number"):
-        pipe.decode(codes, refine=1, known=2.5)
-    assert pipe.decode(codes, refine=1, known=pipe.d).shape == (2, 3, 32, 32)
+        with pytest.raises(ValueError, match=rf"dims .* must be in \[0, {pipe.d}\]"):
+            pipe.decode(codes, refine=1, dims=bad)
+    with pytest.raises(TypeError, match="dims .* whole number"):
+        pipe.decode(codes, refine=1, dims=2.5)
+    assert pipe.decode(codes, refine=1, dims=pipe.d).shape == (2, 3, 32, 32)
 
 
 # output paths, the cache folder and --inception: checked before the work ------------------------------------

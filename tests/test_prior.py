@@ -5,7 +5,7 @@ import scatgen
 from scatgen.bundle import load_bundle, save_bundle
 from scatgen.config import PriorConfig
 from scatgen.pipeline import Pipeline
-from scatgen.prior import FlowPrior, LatentFlowPrior, fit_gmm, fit_prior, integrate, load_prior, save_prior
+from scatgen.prior import FlowPrior, fit_gmm, fit_prior, integrate, load_prior, save_prior
 
 
 def two_clusters(n=2000, d=3, seed=0):

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import ROOT, as_args, run_script, tiny_overrides
-from scatgen.bundle import load_bundle, save_bundle
+from scatgen.bundle import load_bundle
 from scatgen.codes import prepare_codes
 from scatgen.config import load_config
 from scatgen.integrity import write_manifest
@@ -98,10 +98,6 @@ def test_bundle_roundtrip_and_mismatch_refused(tmp_path):
     codes = torch.randn(3, whitening.d)
     original = trainer.accelerator.unwrap_model(trainer.model).eval()
     torch.testing.assert_close(generator(codes)[0], original(codes)[0])
-    with pytest.raises(ValueError, match="incompatible bundle.*J=3.*J=4"):
-        load_bundle(tmp_path / "run", expected={"J": 4})
-    with pytest.raises(ValueError, match="incompatible bundle.*d=32.*d=64"):
-        load_bundle(tmp_path / "run", expected={"d": 64})
     info_path = tmp_path / "run" / "model" / "bundle.json"
     info = json.loads(info_path.read_text())
     info_path.write_text(json.dumps(dict(info, image_size=64)))

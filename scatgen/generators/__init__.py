@@ -27,10 +27,6 @@ def _lookup(kind: str) -> tuple[type, type]:
     return getattr(mod, config_name), getattr(mod, class_name)
 
 
-def generator_kinds() -> list[str]:
-    return list(_KINDS)
-
-
 def generator_config_class(kind: str) -> type:
     return _lookup(kind)[0]
 
@@ -41,4 +37,4 @@ def build_generator(cfg: GeneratorConfig, code_dim: int, image_size: int, J: int
     return cls(cfg, code_dim=code_dim, image_size=image_size, J=J, L=L)
 
 
-__all__ = ["Generator", "GeneratorConfig", "build_generator", "generator_config_class", "generator_kinds"]
+__all__ = ["Generator", "GeneratorConfig", "build_generator", "generator_config_class"]
