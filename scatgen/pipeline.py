@@ -88,7 +88,6 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
                  scattering: Scattering | None = None, device: torch.device | str = "cpu",
                  priors: dict[str, CodePrior] | None = None) -> None:
         self.device = check_device(device)
-        self.cfg = cfg
         self.generator = generator.to(self.device).eval()
         self.encoder = Encoder(cfg, whitening, scattering, self.device)
         for kind, prior in (priors or {}).items():
@@ -97,6 +96,16 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
                                  f"{whitening.d}; refit it with `python sample.py fit-prior RUN --kind {kind}`")
         self.priors: dict[str, CodePrior] = {"normal": NormalPrior(whitening.d), **(priors or {})}
         self._fitted_priors = dict(priors or {})  # what a saved bundle holds; N(0, I) is always there
+
+    @property
+    def cfg(self) -> Config:
+        return self.encoder.cfg
+
+    @cfg.setter
+    def cfg(self, cfg: Config) -> None:
+        # One config for the pipeline and its encoder: a changed cache folder or scattering
+        # backend reaches the scattering the encoder builds.
+        self.encoder.cfg = cfg
 
     @property
     def image_size(self) -> int:
