@@ -256,14 +256,18 @@ def test_reflect_pad_adjoint_is_the_adjoint(shape, J):
     assert abs(_dot(xp, g) - _dot(x, scattering_ops.reflect_pad_adjoint(g, pads, shape))) < 1e-10 * abs(_dot(xp, g))
 
 
-@pytest.mark.parametrize("J,shape", [(2, (32, 48)), (4, (64, 64))])
-def test_lowpass_adjoints_are_the_adjoints(J, shape):
+def _lowpass_filters(J: int, shape: tuple[int, int]) -> list[tuple[int, torch.Tensor]]:
+    """(subsampling k, φ̂) at every resolution of the L = 4 bank for (J, shape)."""
     padded, _ = compute_padding(*shape, J)
     bank = load_filter_bank(J, 4, padded)
+    return [(2 ** (J - res), bank[f"phi_{res}"]) for res in range(J)]
+
+
+@pytest.mark.parametrize("J,shape", [(2, (32, 48)), (4, (64, 64))])
+def test_lowpass_adjoints_are_the_adjoints(J, shape):
     torch.manual_seed(0)
-    for res in range(J):
-        k = 2 ** (J - res)
-        phi = bank[f"phi_{res}"].double()
+    for k, phi in _lowpass_filters(J, shape):
+        phi = phi.double()
         U = torch.randn(2, *phi.shape, dtype=torch.float64)
         ops = [None if op is None else op.double() for op in scattering_ops.lowpass_operators(phi, k)]
         S = scattering_ops.lowpass_separable(U, *ops)
@@ -295,12 +299,8 @@ def _lowpass_fft(U: torch.Tensor, phi: torch.Tensor, k: int) -> torch.Tensor:
 @pytest.mark.parametrize("J,shape", [(2, (32, 48)), (4, (64, 64))])
 def test_separable_lowpass_equals_fft_lowpass(J, shape):
     """The GEMM low-pass R·U·Cᵀ equals kymatio's Re(ifft2(periodise(fft2(U)·φ̂))), unpadded."""
-    padded, _ = compute_padding(*shape, J)
-    bank = load_filter_bank(J, 4, padded)
     torch.manual_seed(0)
-    for res in range(J):
-        k = 2 ** (J - res)
-        phi = bank[f"phi_{res}"]
+    for k, phi in _lowpass_filters(J, shape):
         U = torch.rand(3, *phi.shape)
         ref = _lowpass_fft(U, phi, k)
         ops = scattering_ops.lowpass_operators(phi, k)  # phi is rank-1 up to float32 rounding
