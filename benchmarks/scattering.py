@@ -59,7 +59,7 @@ def _build(backend: str, J: int, L: int, size: int, cache_dir: str):
         from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
 
         return ScatteringTorch2D(J=J, shape=(size, size), L=L, max_order=2)
-    from scatgen.scattering_fast import FastScattering2D
+    from scatgen.scattering import FastScattering2D
 
     return FastScattering2D(J, (size, size), L, cache_dir=cache_dir, custom_backward=backend != "fast-autograd")
 

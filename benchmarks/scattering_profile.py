@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scatgen.scattering_fast import FastScattering2D  # noqa: E402
+from scatgen.scattering import FastScattering2D  # noqa: E402
 
 GROUPS = {"fft": ("fft",), "matmul": ("mm", "matmul", "bmm", "addmm", "einsum")}
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from scatgen.filter_bank import scattering_channels
 from scatgen.utils import short_repr
 
 
@@ -490,8 +491,3 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"whitening.d={w.d} exceeds the scattering dimension D={scattering_dim}; lower it")
     cfg.generator.validate()
     cfg.generator.check_image_size(d.image_size, e.J)
-
-
-def scattering_channels(J: int, L: int) -> int:
-    """K = 1 + J L + L² J (J − 1) / 2 coefficients per colour channel (order 2)."""
-    return 1 + J * L + L * L * J * (J - 1) // 2

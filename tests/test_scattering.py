@@ -1,5 +1,6 @@
-"""FastScattering2D equals kymatio's ScatteringTorch2D (values, gradients), caches
-its filter bank on disk, and runs on CUDA."""
+"""FastScattering2D equals kymatio's ScatteringTorch2D (values, gradients) and runs on
+CUDA; the operators of scattering_ops pass dot-product tests of their adjoints; the
+filter bank is cached on disk."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import copy
 import pytest
 import torch
 
-import scatgen.scattering_fast as sf
-from scatgen.scattering_fast import FastScattering2D, compute_padding, load_filter_bank, scattering_channels
+from scatgen import filter_bank, scattering_ops
+from scatgen.filter_bank import compute_padding, load_filter_bank, scattering_channels
+from scatgen.scattering import FastScattering2D
 
 RTOL = 1e-5
 
@@ -46,8 +48,8 @@ def _kymatio(cls, J, shape, L):
 
 @pytest.fixture(autouse=True)
 def shared_filter_banks(monkeypatch, kymatio_cls):
-    """Serve sf._kymatio_filter_bank from the reference modules' filters."""
-    real = sf._kymatio_filter_bank
+    """Serve filter_bank._kymatio_filter_bank from the reference modules' filters."""
+    real = filter_bank._kymatio_filter_bank
 
     def shared(M, N, J, L):
         for m in _kymatio_modules.values():
@@ -55,7 +57,7 @@ def shared_filter_banks(monkeypatch, kymatio_cls):
                 return {"phi": m.phi, "psi": m.psi}
         return real(M, N, J, L)
 
-    monkeypatch.setattr(sf, "_kymatio_filter_bank", shared)
+    monkeypatch.setattr(filter_bank, "_kymatio_filter_bank", shared)
 
 
 def assert_close(ours: torch.Tensor, ref: torch.Tensor, J: int, L: int, rtol: float = RTOL) -> None:
@@ -232,14 +234,15 @@ def test_alias_adjoint_is_the_adjoint(k):
     filt = torch.randn(F, k * m, k * n, dtype=torch.float64).to(c)  # real-valued, as kymatio's
     X = torch.randn(2, 4, k * m, k * n, dtype=c)
     G = torch.randn(2, 4, F, m, n, dtype=c)
-    lhs = _dot(sf.alias_product(X, filt, k), G)
-    adj = sf.alias_adjoint(G, filt, k)
+    lhs = _dot(scattering_ops.alias_product(X, filt, k), G)
+    adj = scattering_ops.alias_adjoint(G, filt, k)
     assert abs(lhs - _dot(X, adj)) < 1e-10 * abs(lhs)
-    filt_t = sf.alias_gemm_layout(filt, k)
-    torch.testing.assert_close(sf.alias_product_gemm(X, filt_t, k), sf.alias_product(X, filt, k))
+    filt_t = scattering_ops.alias_gemm_layout(filt, k)
+    torch.testing.assert_close(scattering_ops.alias_product_gemm(X, filt_t, k),
+                               scattering_ops.alias_product(X, filt, k))
     out = torch.randn_like(X)
-    torch.testing.assert_close(sf.alias_adjoint_gemm(G, filt_t, k, out.clone(), accumulate=True), out + adj)
-    torch.testing.assert_close(sf.alias_adjoint(G, filt, k, out.clone(), accumulate=True), out + adj)
+    torch.testing.assert_close(scattering_ops.alias_adjoint_gemm(G, filt_t, k, out.clone(), accumulate=True), out + adj)
+    torch.testing.assert_close(scattering_ops.alias_adjoint(G, filt, k, out.clone(), accumulate=True), out + adj)
 
 
 @pytest.mark.parametrize("shape,J", [((32, 32), 5), ((32, 48), 3), ((20, 36), 2)])
@@ -248,27 +251,28 @@ def test_reflect_pad_adjoint_is_the_adjoint(shape, J):
     _, pads = compute_padding(*shape, J)
     torch.manual_seed(0)
     x = torch.randn(3, *shape, dtype=torch.float64)
-    xp = sf.reflect_pad(x, pads)
+    xp = scattering_ops.reflect_pad(x, pads)
     g = torch.randn_like(xp)
-    assert abs(_dot(xp, g) - _dot(x, sf.reflect_pad_adjoint(g, pads, shape))) < 1e-10 * abs(_dot(xp, g))
+    assert abs(_dot(xp, g) - _dot(x, scattering_ops.reflect_pad_adjoint(g, pads, shape))) < 1e-10 * abs(_dot(xp, g))
+
+
+def _lowpass_filters(J: int, shape: tuple[int, int]) -> list[tuple[int, torch.Tensor]]:
+    """(subsampling k, φ̂) at every resolution of the L = 4 bank for (J, shape)."""
+    padded, _ = compute_padding(*shape, J)
+    bank = load_filter_bank(J, 4, padded)
+    return [(2 ** (J - res), bank[f"phi_{res}"]) for res in range(J)]
 
 
 @pytest.mark.parametrize("J,shape", [(2, (32, 48)), (4, (64, 64))])
 def test_lowpass_adjoints_are_the_adjoints(J, shape):
-    padded, _ = compute_padding(*shape, J)
-    bank = load_filter_bank(J, 4, padded)
     torch.manual_seed(0)
-    for res in range(J):
-        k = 2 ** (J - res)
-        phi = bank[f"phi_{res}"].double()
+    for k, phi in _lowpass_filters(J, shape):
+        phi = phi.double()
         U = torch.randn(2, *phi.shape, dtype=torch.float64)
-        ops = [None if op is None else op.double() for op in sf.lowpass_operators(phi, k)]
-        S = sf.lowpass_separable(U, *ops)
+        ops = [None if op is None else op.double() for op in scattering_ops.lowpass_operators(phi, k)]
+        S = scattering_ops.lowpass_separable(U, *ops)
         g = torch.randn_like(S)
-        assert abs(_dot(S, g) - _dot(U, sf.lowpass_separable_adjoint(g, *ops))) < 1e-10 * abs(_dot(S, g))
-        phi_c = (phi / k**2).to(torch.complex128)
-        S = sf.lowpass_fft(U, phi_c, k)
-        assert abs(_dot(S, g) - _dot(U, sf.lowpass_fft_adjoint(g, phi_c, k))) < 1e-10 * abs(_dot(S, g))
+        assert abs(_dot(S, g) - _dot(U, scattering_ops.lowpass_separable_adjoint(g, *ops))) < 1e-10 * abs(_dot(S, g))
 
 
 def test_filters_not_in_state_dict_and_dtype_casts(kymatio_cls):
@@ -286,34 +290,29 @@ def test_filters_not_in_state_dict_and_dtype_casts(kymatio_cls):
     assert_close(out64.float(), ref, 2, 4)
 
 
+def _lowpass_fft(U: torch.Tensor, phi: torch.Tensor, k: int) -> torch.Tensor:
+    """kymatio's low-pass, unpadded: Re(ifft2(periodise_k(fft2(U)·φ̂/k²)))[..., 1:-1, 1:-1]."""
+    Y = scattering_ops.alias_product(torch.fft.fft2(U), (phi / k**2).to(torch.complex64)[None], k)[..., 0, :, :]
+    return torch.fft.ifft2(Y).real[..., 1:-1, 1:-1]
+
+
 @pytest.mark.parametrize("J,shape", [(2, (32, 48)), (4, (64, 64))])
 def test_separable_lowpass_equals_fft_lowpass(J, shape):
     """The GEMM low-pass R·U·Cᵀ equals kymatio's Re(ifft2(periodise(fft2(U)·φ̂))), unpadded."""
-    padded, _ = compute_padding(*shape, J)
-    bank = load_filter_bank(J, 4, padded)
     torch.manual_seed(0)
-    for res in range(J):
-        k = 2 ** (J - res)
-        phi = bank[f"phi_{res}"]
+    for k, phi in _lowpass_filters(J, shape):
         U = torch.rand(3, *phi.shape)
-        ref = sf.lowpass_fft(U, (phi / k**2).to(torch.complex64), k)
-        ops = sf.lowpass_operators(phi, k)
-        assert ops is not None, "phi is rank-1 up to float32 rounding"
-        ours = sf.lowpass_separable(U, *ops)
+        ref = _lowpass_fft(U, phi, k)
+        ops = scattering_ops.lowpass_operators(phi, k)  # phi is rank-1 up to float32 rounding
+        ours = scattering_ops.lowpass_separable(U, *ops)
         assert ours.shape == ref.shape == (3, phi.shape[0] // k - 2, phi.shape[1] // k - 2)
         assert ((ours - ref).norm() / ref.norm()).item() < 1e-6
 
 
-def test_fft_lowpass_fallback_equals_kymatio(monkeypatch, kymatio_cls):
-    monkeypatch.setattr(sf, "lowpass_operators", lambda phi, k: None)
-    J, L, shape = 3, 4, (32, 64)
-    m = FastScattering2D(J, shape, L)
-    assert set(m._lowpass_kind.values()) == {"fft"}
-    x = torch.rand(2, *shape)
-    ref_module = _kymatio(kymatio_cls, J, shape, L)
-    assert_close(m(x), ref_module(x), J, L)
-    w = torch.randn(2, scattering_channels(J, L), 4, 8)
-    assert _rel(_gradient(m, x, w), _gradient(ref_module, x, w)) < RTOL
+def test_lowpass_operators_reject_a_non_separable_phi():
+    phi = torch.eye(16) + 0.5  # rank 16
+    with pytest.raises(ValueError, match="not rank-1"):
+        scattering_ops.lowpass_operators(phi, 2)
 
 
 def test_rejects_wrong_shape():
@@ -325,19 +324,19 @@ def test_rejects_wrong_shape():
 
 def test_filter_cache_hit_and_invalidation(tmp_path, monkeypatch, kymatio_cls):
     calls = []
-    real = sf._kymatio_filter_bank  # the session-shared banks (fixture), or kymatio
+    real = filter_bank._kymatio_filter_bank  # the session-shared banks (fixture), or kymatio
 
     def counting(M, N, J, L):
         calls.append((M, N, J, L))
         return real(M, N, J, L)
 
-    monkeypatch.setattr(sf, "_kymatio_filter_bank", counting)
+    monkeypatch.setattr(filter_bank, "_kymatio_filter_bank", counting)
     x = torch.rand(1, 32, 32)
 
     first = FastScattering2D(2, (32, 32), 4, cache_dir=tmp_path)
     files = sorted(tmp_path.glob("*.safetensors"))
     assert len(calls) == 1 and len(files) == 1
-    assert not list(tmp_path.glob("*.tmp")), "temp file left behind"
+    assert not list(tmp_path.glob(".tmp-*")), "temp file left behind"
 
     # Hit: a second construction loads from disk, kymatio is not called again.
     second = FastScattering2D(2, (32, 32), 4, cache_dir=tmp_path)
