@@ -20,8 +20,8 @@ from PIL import Image
 
 import scatgen
 from scatgen.checks import check_device, check_seed
-from scatgen.data import load_image
-from scatgen.evaluation import evaluate, load_split, markdown_table, reconstruction_metrics, write_report
+from scatgen.data import load_image, load_split
+from scatgen.evaluation import evaluate, markdown_table, reconstruction_metrics, write_report
 from scatgen.pictures import display_scale, enlarge, grid, rows_grid, save_gif, save_png, to_unit
 from scatgen.prior import PRIOR_KINDS
 from scatgen.utils import atomic_path, describe_os_error, one_line_warnings, progress_bar, writable_folder
