@@ -243,7 +243,8 @@ class ScaleStep(nn.Module):
                 alpha = shrink(alpha + self.analysis(y - self.feature_dict(alpha)))
         return alpha
 
-    def forward(self, x: torch.Tensor, zmap: torch.Tensor | None, codes: torch.Tensor):
+    def forward(self, x: torch.Tensor, zmap: torch.Tensor | None,
+                codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         alpha = self.code(x, zmap, codes)
         detail = self.dictionary(alpha)
         return (upsample2(x) + detail if self.cfg.residual else detail), alpha
