@@ -116,11 +116,11 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
 
 def _flat_double(values: torch.Tensor | np.ndarray | float | Iterable[float]) -> torch.Tensor:
     v = torch.as_tensor(values if not isinstance(values, torch.Tensor) else values.detach())
-    return v.reshape(-1).double().cpu()
+    return v.reshape(-1).double()
 
 
 def finite_values(values: torch.Tensor | np.ndarray | float | Iterable[float]) -> torch.Tensor:
-    """The finite ones among `values`, as a flat float64 CPU tensor.
+    """The finite ones among `values`, as a flat float64 tensor on their device.
 
     One image reconstructed exactly has PSNR = inf, which would make any mean inf: the means
     of per-image PSNR leave such values out (and may count them, as "perfect").
@@ -155,7 +155,7 @@ class RunningMean:
 
     def update(self, values: torch.Tensor | np.ndarray | float | Iterable[float]) -> None:
         """Add per-item values (any shape; each element is one item)."""
-        v = _flat_double(values)
+        v = _flat_double(values).cpu()
         if self.skip_nonfinite:
             finite = finite_values(v)
             self.n_skipped += v.numel() - finite.numel()
