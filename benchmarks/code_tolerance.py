@@ -19,8 +19,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import scatgen  # noqa: E402
-from scatgen.evaluation import _stack, cpu_or_gpu_name, load_split  # noqa: E402
-from scatgen.metrics import compute_features, load_inception, precision_recall  # noqa: E402
+from scatgen.data import load_split  # noqa: E402
+from scatgen.evaluation import _stack, cpu_or_gpu_name  # noqa: E402
+from scatgen.inception import compute_features, load_inception  # noqa: E402
+from scatgen.metrics import precision_recall  # noqa: E402
 from scatgen.pictures import to_unit  # noqa: E402
 
 

@@ -34,9 +34,10 @@ import scatgen  # noqa: E402
 from scatgen.bundle import add_prior, find_bundle  # noqa: E402
 from scatgen.codes import encode_split  # noqa: E402
 from scatgen.config import with_overrides  # noqa: E402
-from scatgen.evaluation import _stack, _timed as timed, cpu_or_gpu_name, load_split  # noqa: E402
-from scatgen.metrics import (compute_features, fid_from_features, load_inception, memorisation_report,  # noqa: E402
-                             precision_recall)
+from scatgen.data import load_split  # noqa: E402
+from scatgen.evaluation import _stack, _timed as timed, cpu_or_gpu_name  # noqa: E402
+from scatgen.inception import compute_features, load_inception  # noqa: E402
+from scatgen.metrics import fid_from_features, memorisation_report, precision_recall  # noqa: E402
 from scatgen.pictures import to_unit  # noqa: E402
 from scatgen.prior import PRIOR_KINDS, fit_prior  # noqa: E402
 

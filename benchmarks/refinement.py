@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import scatgen  # noqa: E402
-from scatgen.evaluation import cpu_or_gpu_name, load_split  # noqa: E402
+from scatgen.data import load_split  # noqa: E402
+from scatgen.evaluation import cpu_or_gpu_name  # noqa: E402
 from scatgen.metrics import psnr, ssim  # noqa: E402
 from scatgen.pictures import enlarge, grid, save_png, to_unit  # noqa: E402
 from scatgen.refinement import code_objective, descend, image_objective  # noqa: E402

@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import scatgen  # noqa: E402
-from scatgen.evaluation import _stack, cpu_or_gpu_name, load_split  # noqa: E402
+from scatgen.data import load_split  # noqa: E402
+from scatgen.evaluation import _stack, cpu_or_gpu_name  # noqa: E402
 from scatgen.metrics import psnr  # noqa: E402
 from scatgen.pictures import to_unit  # noqa: E402
 from scatgen.refinement import refine_reconstructions  # noqa: E402

@@ -17,13 +17,17 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torchvision.utils import make_grid
 
 import scatgen
 from scatgen.checks import check_device, check_seed
 from scatgen.config import DataConfig
-from scatgen.data import IMAGE_EXTENSIONS, effective_crop, load_image
-from scatgen.evaluation import evaluate, load_split, markdown_table, reconstruction_metrics, write_report
+from scatgen.data import IMAGE_EXTENSIONS, effective_crop, iterate_images, load_image, load_split
+from scatgen.evaluation import evaluate, markdown_table, reconstruction_metrics, write_report
+from scatgen.generators.sparse_deconv import SparseDeconvGenerator
+from scatgen.metrics import psnr
 from scatgen.pictures import display_scale, enlarge, grid, rows_grid, save_gif, save_png, to_unit
+from scatgen.pipeline import Pipeline
 from scatgen.prior import PRIOR_KINDS
 from scatgen.utils import atomic_path, describe_os_error, one_line_warnings, progress_bar, writable_folder
 
@@ -253,9 +257,67 @@ def cmd_fit_prior(pipe, args) -> None:
     print(f"wrote {path} ({args.kind} prior on {len(codes)} train codes); sample with --prior {args.kind}")
 
 
-def cmd_atoms(pipe, args) -> None:
-    from scatgen.generators.sparse_deconv import atoms_report
+# ----------------------------------------------------------------------------------------
+# atoms: what a sparse_deconv generator's dictionaries and codes look like.
 
+
+def sparsity_statistics(alpha: torch.Tensor) -> dict[str, float]:
+    """alpha (B, C, H, W) → {zero_fraction: share of exact zeros,
+    active_atoms_per_position: mean over (B, H, W) of the number of non-zero channels}."""
+    nz = alpha.detach() != 0
+    return {
+        "zero_fraction": float(1.0 - nz.float().mean()),
+        "active_atoms_per_position": float(nz.sum(dim=1).float().mean()),
+    }
+
+
+def per_scale_psnr(pyramid_pred: list[torch.Tensor], pyramid_true: list[torch.Tensor]) -> list[float]:
+    """PSNR in dB per scale (same order as the inputs), images in [-1, 1] (peak-to-peak 2),
+    averaged over images: mean_b 10·log10(4 / MSE_b); identical scales give inf."""
+    if len(pyramid_pred) != len(pyramid_true):
+        raise ValueError(f"pyramids differ in length: {len(pyramid_pred)} vs {len(pyramid_true)}")
+    return [float(psnr(p.detach(), t.detach(), data_range=2.0).mean()) for p, t in zip(pyramid_pred, pyramid_true)]
+
+
+@torch.no_grad()
+def atoms_grid(generator: SparseDeconvGenerator, padding: int = 1) -> list[torch.Tensor]:
+    """For each dictionary D_J, …, D_1: its atoms as one image grid (3, H, W) in [0, 1],
+    each atom min-max normalised on its own, laid out by torchvision's make_grid."""
+    grids = []
+    for d in generator.dictionaries():
+        a = d.atoms().detach().float().cpu()  # (C, 3, k, k)
+        lo = a.flatten(1).min(1).values.view(-1, 1, 1, 1)
+        hi = a.flatten(1).max(1).values.view(-1, 1, 1, 1)
+        a = (a - lo) / (hi - lo).clamp_min(1e-12)
+        grids.append(make_grid(a, nrow=math.ceil(math.sqrt(a.shape[0])), padding=padding, pad_value=1.0))
+    return grids
+
+
+@torch.no_grad()
+def atoms_report(pipe: Pipeline, folder: str | Path, num_images: int = 256, data_root: str | None = None) -> dict:
+    """Sparsity of each α_j, per-scale test PSNR and each D_j's atoms as PNG grids, for a Pipeline."""
+    generator = pipe.generator
+    if not isinstance(generator, SparseDeconvGenerator):
+        raise ValueError(f"'atoms' needs a sparse_deconv generator; this bundle's is '{pipe.cfg.generator.kind}'")
+    test = load_split(pipe, "test", data_root=data_root)
+    test = torch.utils.data.Subset(test, range(min(num_images, len(test))))
+    images = torch.cat(list(iterate_images(test, 128)))
+    out, pyramid, alphas = generator.generate_with_codes(pipe.encode(images).to(pipe.device))
+    pyramid = [p.cpu() for p in pyramid[:-1]] + [out.cpu()]
+    psnrs = per_scale_psnr(pyramid, generator.lowpass_pyramid(images.to(pipe.device)))
+    folder = Path(folder)
+    report = {"num_images": len(images), "scales": []}
+    for i, atoms in enumerate(atoms_grid(generator)):
+        j = generator.J - i
+        save_png(enlarge(atoms, 4), folder / f"atoms-D{j}.png")
+        report["scales"].append({"j": j, "psnr_at_scale": psnrs[i + 1], **sparsity_statistics(alphas[i]),
+                                 "atoms": alphas[i].shape[1], "atoms_png": str(folder / f"atoms-D{j}.png")})
+    report["psnr_coarsest"] = psnrs[0]
+    (folder / "atoms.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def cmd_atoms(pipe, args) -> None:
     report = atoms_report(pipe, out_dir(args), data_root=args.data_root)
     print(json.dumps(report, indent=2))
 

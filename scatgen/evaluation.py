@@ -14,38 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
-from scatgen.data import build_dataset, collate_skip_none
+from scatgen.data import iterate_images, load_split
+from scatgen.inception import InceptionUnavailable, compute_features, load_inception
 from scatgen.metrics import (
-    InceptionUnavailable, RunningMean, code_statistics, compute_features, fid_from_features,
-    kernel_inception_distance, load_inception, memorisation_report, precision_recall, psnr, ssim,
+    RunningMean, code_statistics, fid_from_features, finite_mean, kernel_inception_distance, memorisation_report,
+    precision_recall, psnr, ssim,
 )
 from scatgen.pictures import to_unit
 from scatgen.pipeline import Pipeline
 from scatgen.refinement import refine_decodings, refine_reconstructions
 from scatgen.utils import atomic_path, progress_bar
-
-
-def load_split(pipe: Pipeline, split: str, limit: int = 0, seed: int = 0, data_root: str | None = None) -> Dataset:
-    """The bundle's dataset split; a seeded random subset of `limit` images if limit > 0."""
-    data_cfg = pipe.cfg.data
-    if data_root:
-        from dataclasses import replace
-
-        data_cfg = replace(data_cfg, root=data_root)
-    dataset = build_dataset(data_cfg, split)
-    if 0 < limit < len(dataset):
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
-        dataset = Subset(dataset, sorted(order.tolist()))
-    return dataset
-
-
-def iterate_images(dataset: Dataset, batch_size: int, desc: str = "", progress: bool = False):
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skip_none)
-    for batch in progress_bar(loader, desc=desc, disable=not progress, leave=False):
-        if batch is not None:
-            yield batch
 
 
 def reconstruction_metrics(pipe: Pipeline, dataset: Dataset, batch_size: int = 128, desc: str = "",
@@ -135,9 +115,7 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
     if not priors:
         raise ValueError("evaluate needs at least one prior to sample from, e.g. priors=['normal']")
     for kind in priors:
-        if kind not in pipe.priors:
-            raise ValueError(f"no '{kind}' prior in this bundle (it has {', '.join(pipe.priors)}); "
-                             f"fit one with `python sample.py fit-prior RUN --kind {kind}`")
+        pipe.prior(kind)  # refuses, before any work, a kind the bundle does not hold
     report: dict[str, Any] = {"image_size": pipe.image_size, "J": pipe.cfg.encoder.J, "L": pipe.cfg.encoder.L,
                               "d": pipe.d, "generator": pipe.cfg.generator.kind, "dataset": pipe.cfg.data.name,
                               "num_parameters": sum(p.numel() for p in pipe.generator.parameters())}
@@ -171,7 +149,7 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
             seconds["decode"] += spent
     for kind, images in recons.items():
         p, s = psnr(to_unit(images), to_unit(real)), ssim(to_unit(images), to_unit(real))
-        report[f"test_reconstruction_{kind}_first_n"] = {"psnr": p[torch.isfinite(p)].mean().item(),
+        report[f"test_reconstruction_{kind}_first_n"] = {"psnr": finite_mean(p),
                                                           "ssim": s.mean().item(), "n": n}
     cycle_prior = "normal" if "normal" in samples else priors[0]
     report["cycle_error"] = {kind: cycle_errors(pipe, sample_codes[cycle_prior], images)

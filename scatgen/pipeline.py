@@ -172,14 +172,14 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         """n codes from a prior ('normal', or one the bundle holds; None = the default)."""
         n = whole_number(n, "the number of samples n", 1)
         seed, temperature = check_seed(seed), positive_number(temperature, "temperature")
-        return self._prior(prior)[1].sample(n, seed=seed, temperature=temperature)
+        return self.prior(prior).sample(n, seed=seed, temperature=temperature)
 
     def sample(self, n: int, seed: int = 0, temperature: float = 1.0, prior: str | None = None,
                refine: int | None = None) -> torch.Tensor:
         """n images decoded from the prior's codes (temperature scales its noise). Refinement
         targets the components the prior models; the rest are its noise, not information."""
         codes = self.random_codes(n, seed, temperature, prior)
-        return self.decode(codes, refine=refine, dims=self.priors[prior or self.default_prior].dims)
+        return self.decode(codes, refine=refine, dims=self.prior(prior).dims)
 
     def reconstruct(self, images: torch.Tensor, refine: int | None = None) -> torch.Tensor:
         """G(L S_J x), then `refine` steps towards the full S_J x (images as for encode)."""
@@ -190,12 +190,14 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
             return recons
         return refine_reconstructions(self.scattering, recons, images, cfg)
 
-    def _prior(self, prior: str | None) -> tuple[str, CodePrior]:
-        kind = self.default_prior if prior is None else prior
+    def prior(self, kind: str | None = None) -> CodePrior:
+        """The bundle's prior of that kind (None: the default), or a ValueError that lists the
+        kinds it holds and says how to fit another."""
+        kind = self.default_prior if kind is None else kind
         if kind not in self.priors:
             raise ValueError(f"no '{kind}' prior in this bundle (it has {', '.join(self.priors)}); "
                              f"fit one with `python sample.py fit-prior RUN --kind {kind}`")
-        return kind, self.priors[kind]
+        return self.priors[kind]
 
     def interpolate_codes(self, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, path: str = "code",
                           spherical: bool = False, prior: str | None = None) -> torch.Tensor:
@@ -216,7 +218,7 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         if path == "code":
             mix = slerp if spherical else lerp
             return torch.stack([mix(u, v, t) for u, v in zip(a, b)])
-        _, code_prior = self._prior(prior)
+        code_prior = self.prior(prior)
         (noise_a, rest_a), (noise_b, rest_b) = code_prior.to_noise(a), code_prior.to_noise(b)
         noise = torch.stack([slerp(u, v, t) for u, v in zip(noise_a, noise_b)])  # (n, K, m)
         rest = torch.stack([lerp(u, v, t) for u, v in zip(rest_a, rest_b)])  # (n, K, d)
@@ -244,7 +246,7 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         way to the prior's noise (`strength` in [0, 1]) and back. strength 0 gives n copies of the
         image's own decoding; 1 gives fresh samples. → (n, 3, N, N)."""
         n, seed = whole_number(n, "the number of variations n", 1), check_seed(seed)
-        _, code_prior = self._prior(prior)
+        code_prior = self.prior(prior)
         image = check_code_or_image(image, self.d, self.image_size, "image")
         code = self.encoder.encode(image[None])[0] if image.ndim == 3 else image
         codes = code_prior.vary(code.float()[None].expand(n, -1), strength, seed)

@@ -32,7 +32,7 @@ from scatgen.data import build_dataset, cache_images, collate_skip_none
 from scatgen.data.batches import CodedImages, StepBatches, first_readable
 from scatgen.finish import finish_run
 from scatgen.generators import Generator, build_generator
-from scatgen.metrics import psnr
+from scatgen.metrics import finite_mean, psnr
 from scatgen.pictures import grid, rows_grid, to_unit
 from scatgen.prior import NormalPrior
 from scatgen.speed import StepRate, budget_steps, usable_cores, warn_slowdown
@@ -91,7 +91,7 @@ def reconstruction_psnr(generator: Generator, codes: torch.Tensor, images: torch
         values.append(psnr(to_unit(recons), to_unit(x)))
     generator.train(was_training)
     values = torch.cat(values)
-    return values[torch.isfinite(values)].mean().item()
+    return finite_mean(values)
 
 
 class Trainer:

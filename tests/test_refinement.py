@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import scatgen
-from scatgen.evaluation import load_split
+from scatgen.data import load_split
 from scatgen.config import RefineConfig
 from scatgen.metrics import psnr
 from scatgen.pictures import to_unit

@@ -68,6 +68,8 @@ def collate_skip_none(batch: list):
     return default_collate(kept) if kept else None
 
 
+from scatgen.data.splits import iterate_images, load_split  # noqa: E402  (last: splits uses build_dataset)
+
 __all__ = ["IMAGE_EXTENSIONS", "SPLITS", "CachedImages", "CelebADataset", "CorruptImageWarning", "FileImageDataset",
            "ImageFolderDataset", "PolygonDataset", "build_dataset", "cache_images", "collate_skip_none", "default_crop",
-           "effective_crop", "load_image"]
+           "effective_crop", "iterate_images", "load_image", "load_split"]

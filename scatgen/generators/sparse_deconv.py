@@ -12,68 +12,35 @@ every 2^j pixels, (B, 3, N/2^j, N/2^j), is the low-pass image at scale 2^j.
        α_j   = coder(y_j)  ≥ 0, sparse               (B, atoms, r, r)
        x_{j-1} = up(x_j) + D_j α_j                   (B, 3, 2r, 2r)
    D_j is a learned dictionary: a stride-2 transposed convolution whose atoms (each
-   input channel's 3×k×k filter) have unit ℓ2 norm — the weight is normalised in
-   forward and `renormalize_atoms_()` (called by the trainer through
-   `after_optimizer_step()`) projects the stored weights back onto the sphere.
-   `up` is the grid-exact ×2 interpolation (coarse sample k sits on fine sample 2k, as
-   in the scattering's subsampling; fine sample 2k+1 is the mean of its neighbours), so
-   D_j only synthesises the detail between two scales (`residual=True`; with False,
-   D_j α_j is the whole finer image).
-   z enters every step: `inject="map"` concatenates F, bilinearly upsampled to r, to
-   the coarse image (spatially varying: the scattering code is a map on the N/2^J
-   grid); `"film"` modulates E_j's first layer per channel (spatially uniform);
-   `"both"` does both.
-3. Sparse coder (`coder`):
-   - `lista` (coupled-dictionary LISTA): α is the non-negative sparse code of the
-     embedding y in a learned *feature* dictionary B_j (1×1 conv, atoms → hidden),
-     obtained by unrolling ISTA for  min_{α≥0} ½‖y − B_j α‖² + θ·α :
-         α ← ρ(W_e y),  then `lista_iters` times  α ← ρ(α + W_e(y − B_j α)),
-     with W_e (1×1 conv, hidden → atoms) learned (LISTA) and ρ the shrinkage. The same
-     code then synthesises the finer image through D_j — the coupled dictionaries
-     (B_j, D_j) of sparse-coding super-resolution (Yang et al. 2010), learnt end to end.
-   - `cnn`: α = ρ(conv3×3(y)), one shot.
-   ρ (`shrink`): `relu`, or `soft` = ReLU(x − θ) with learned per-channel thresholds
-   θ (one set per LISTA iteration) — the non-negative soft threshold.
-   `code_norm` (default on) normalises the first pre-shrinkage code over the atoms at
-   each position (LayerNorm over channels, per-channel gain initialised at 0.1, bias 0).
-   Without it the codes of the finest scale died (100 % zeros after ~70 steps in a
-   32² run: at initialisation a random atom only adds error, so every α is pushed below
-   0, and dead codes never teach their atoms); with it, every position keeps some atom
-   above threshold until the atoms are useful.
-4. Loss: Σ_j w_j · loss(x_j, x∗φ_j ↓2^j) over j = 0 … J (`regression_loss`, l1 or l2),
-   weights `uniform` or `geometric` (w_j ∝ scale_decay^j, so the full-resolution scale
-   always carries weight), normalised to sum to 1; plus `l1_penalty` · mean(α).
-   Targets use the scattering's own low-pass filters: φ_j is kymatio's Gaussian
-   `gabor_2d(·, ·, 0.8·2^(j−1), 0, 0)` (for j = J exactly the filter of S_J, whose
-   output is the order-0 scattering coefficient that z encodes), applied in Fourier
-   after reflect padding (as kymatio pads) and sampled at 0, 2^j, 2·2^j, … (kymatio's
-   sampling grid); φ_0 is the identity. A Gaussian pyramid was not used: the point of
-   the coarse-scale targets is to agree with what the scattering measures, and the
-   filter cost is negligible (J FFTs per batch). The gain at frequency 0 is normalised
-   to exactly 1, so a constant image stays that constant at every scale.
-   The filters are non-persistent buffers: never in a state_dict.
+   input channel's 3×k×k filter) have unit ℓ2 norm, normalised in forward and projected
+   back onto the sphere by `after_optimizer_step()`. `up` is the grid-exact ×2
+   interpolation (coarse sample k on fine sample 2k, as the scattering subsamples), so D_j
+   only synthesises the detail between two scales (`residual`). z enters every step:
+   `inject="map"` concatenates F, upsampled to r (the scattering code is a map on the
+   N/2^J grid); `"film"` modulates E_j's first layer per channel; `"both"` does both.
+3. Sparse coder. `lista`: α is the non-negative sparse code of y in a learned feature
+   dictionary B_j (1×1 conv), from unrolled ISTA for  min_{α≥0} ½‖y − B_j α‖² + θ·α :
+       α ← ρ(W_e y),  then `lista_iters` times  α ← ρ(α + W_e(y − B_j α)),
+   and the same code synthesises the finer image through D_j: the coupled dictionaries
+   (B_j, D_j) of sparse-coding super-resolution (Yang et al. 2010), learnt end to end.
+   `cnn`: α = ρ(conv3×3(y)), one shot. ρ is ReLU or the non-negative soft threshold
+   ReLU(x − θ) with learned θ. `code_norm` normalises the first pre-shrinkage code over the
+   atoms at each position: at initialisation a random atom only adds error, so every α is
+   pushed below 0 and a dead code never teaches its atom; normalised, some atom at every
+   position stays above threshold until the atoms are useful.
+4. Loss: Σ_j w_j · loss(x_j, x∗φ_j ↓2^j) over j = 0 … J, weights uniform or geometric
+   (the full-resolution scale always carries weight), plus `l1_penalty` · mean(α). The
+   targets use the scattering's own low-pass φ_j (kymatio's Gaussian, reflect padding, its
+   sampling grid; for j = J the filter of S_J), not a Gaussian pyramid, so that the coarse
+   targets agree with what the scattering measures. DC gain 1, so a constant image stays
+   that constant at every scale; the filters are non-persistent buffers.
 
-Reporting helpers (pure): `lowpass_pyramid`, `sparsity_statistics`, `per_scale_psnr`,
-`atoms_grid`, and the method `generate_with_codes` (images, pyramid, codes α).
-
-Measured choices (CPU, heavily shared 2 cores, so short and noisy: synthetic polygon
-images 32², J=3, L=8, PCA-whitened codes d=256, 2500 train / 500 test, Adam 1e-3, l1):
-- code_norm: without it the finest-scale codes died (zero fraction 1.00 after 70 steps,
-  test PSNR 17.8 dB at 100 s); with it zero fractions stay ~0.4-0.8 at every scale.
-- coder: `python benchmarks/generators.py --minutes 4` (uncontended 2 cores, d=512, 10,000
-  train images): lista 23.71 dB test PSNR with 0.51 M params, cnn 23.85 dB with 0.60 M, one run
-  each. Too close to call; lista is the default for its smaller size (an earlier, shorter and
-  contended run had lista ahead, 15.9 vs 14.6 dB at 60 s).
-- inject=map, residual=True, output=clamp, shrink=relu are design defaults that were not
-  separated by measurement (runs were cut short by the shared CPU); they are options.
+The measurements behind these defaults are in benchmarks/README.md ("Sparse deconvolution:
+notes moved from the code"); `scatgen.commands` reports a trained model's atoms and sparsity.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -83,7 +50,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from scatgen.generators.base import Generator, GeneratorConfig, regression_loss
-from scatgen.metrics import psnr
 
 
 @dataclass
@@ -156,22 +122,10 @@ def _lowpass(images: torch.Tensor, j: int, phi_hat: torch.Tensor) -> torch.Tenso
     return x[..., p : p + n : 2**j, p : p + n : 2**j].contiguous()
 
 
-def lowpass_pyramid(images: torch.Tensor, J: int) -> list[torch.Tensor]:
-    """images (B, C, N, N) → [x∗φ_J↓2^J, …, x∗φ_1↓2, x] (coarse to fine, scales J … 0), float32."""
-    if images.shape[-1] != images.shape[-2] or images.shape[-1] % 2**J:
-        raise ValueError(f"images must be square with a side divisible by 2^J={2**J}, got {tuple(images.shape)}")
-    n = images.shape[-1]
-    with torch.autocast(device_type=images.device.type, enabled=False):
-        out = []
-        for j in range(J, 0, -1):
-            phi = torch.from_numpy(_phi_fourier_np(n + 2 * _pad_for(n, j), j)).to(images.device)
-            out.append(_lowpass(images, j, phi))
-        out.append(images.float())
-    return out
-
-
 class LowpassPyramid(nn.Module):
-    """`lowpass_pyramid` with its Fourier filters precomputed as non-persistent buffers."""
+    """images (B, C, N, N) → [x∗φ_J↓2^J, …, x∗φ_1↓2, x] (coarse to fine, scales J … 0), float32.
+
+    The Fourier filters are precomputed as non-persistent buffers: never in a state_dict."""
 
     def __init__(self, image_size: int, J: int) -> None:
         super().__init__()
@@ -289,7 +243,8 @@ class ScaleStep(nn.Module):
                 alpha = shrink(alpha + self.analysis(y - self.feature_dict(alpha)))
         return alpha
 
-    def forward(self, x: torch.Tensor, zmap: torch.Tensor | None, codes: torch.Tensor):
+    def forward(self, x: torch.Tensor, zmap: torch.Tensor | None,
+                codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         alpha = self.code(x, zmap, codes)
         detail = self.dictionary(alpha)
         return (upsample2(x) + detail if self.cfg.residual else detail), alpha
@@ -395,80 +350,9 @@ class SparseDeconvGenerator(Generator):
         self.renormalize_atoms_()
 
 
-# ----------------------------------------------------------------------------------------
-# Reporting helpers.
-
-
-def sparsity_statistics(alpha: torch.Tensor) -> dict[str, float]:
-    """alpha (B, C, H, W) → {zero_fraction: share of exact zeros,
-    active_atoms_per_position: mean over (B, H, W) of the number of non-zero channels}."""
-    nz = alpha.detach() != 0
-    return {
-        "zero_fraction": float(1.0 - nz.float().mean()),
-        "active_atoms_per_position": float(nz.sum(dim=1).float().mean()),
-    }
-
-
-def per_scale_psnr(pyramid_pred: list[torch.Tensor], pyramid_true: list[torch.Tensor]) -> list[float]:
-    """PSNR in dB per scale (same order as the inputs), images in [-1, 1] (peak-to-peak 2),
-    averaged over images: mean_b 10·log10(4 / MSE_b); identical scales give inf."""
-    if len(pyramid_pred) != len(pyramid_true):
-        raise ValueError(f"pyramids differ in length: {len(pyramid_pred)} vs {len(pyramid_true)}")
-    return [float(psnr(p.detach(), t.detach(), data_range=2.0).mean()) for p, t in zip(pyramid_pred, pyramid_true)]
-
-
-@torch.no_grad()
-def atoms_grid(generator: SparseDeconvGenerator, padding: int = 1) -> list[torch.Tensor]:
-    """For each dictionary D_J, …, D_1: its atoms as one image grid (3, H, W) in [0, 1],
-    each atom min-max normalised on its own, laid out by torchvision's make_grid."""
-    from torchvision.utils import make_grid
-
-    grids = []
-    for d in generator.dictionaries():
-        a = d.atoms().detach().float().cpu()  # (C, 3, k, k)
-        lo = a.flatten(1).min(1).values.view(-1, 1, 1, 1)
-        hi = a.flatten(1).max(1).values.view(-1, 1, 1, 1)
-        a = (a - lo) / (hi - lo).clamp_min(1e-12)
-        grids.append(make_grid(a, nrow=math.ceil(math.sqrt(a.shape[0])), padding=padding, pad_value=1.0))
-    return grids
-
-
-@torch.no_grad()
-def atoms_report(pipe, out_dir: str | Path, num_images: int = 256, data_root: str | None = None) -> dict:
-    """Sparsity of each α_j, per-scale test PSNR and each D_j's atoms as PNG grids, for a Pipeline."""
-    from scatgen.evaluation import iterate_images, load_split
-    from scatgen.pictures import save_png
-
-    generator = pipe.generator
-    if not isinstance(generator, SparseDeconvGenerator):
-        raise ValueError(f"'atoms' needs a sparse_deconv generator; this bundle's is '{pipe.cfg.generator.kind}'")
-    test = load_split(pipe, "test", data_root=data_root)
-    test = torch.utils.data.Subset(test, range(min(num_images, len(test))))
-    images = torch.cat(list(iterate_images(test, 128)))
-    out, pyramid, alphas = generator.generate_with_codes(pipe.encode(images).to(pipe.device))
-    pyramid = [p.cpu() for p in pyramid[:-1]] + [out.cpu()]
-    psnrs = per_scale_psnr(pyramid, generator.lowpass_pyramid(images.to(pipe.device)))
-    out_dir = Path(out_dir)
-    report = {"num_images": len(images), "scales": []}
-    for i, grid in enumerate(atoms_grid(generator)):
-        j = generator.J - i
-        grid = torch.nn.functional.interpolate(grid[None], scale_factor=4, mode="nearest")[0]
-        save_png(grid, out_dir / f"atoms-D{j}.png")
-        report["scales"].append({"j": j, "psnr_at_scale": psnrs[i + 1], **sparsity_statistics(alphas[i]),
-                                 "atoms": alphas[i].shape[1], "atoms_png": str(out_dir / f"atoms-D{j}.png")})
-    report["psnr_coarsest"] = psnrs[0]
-    (out_dir / "atoms.json").write_text(json.dumps(report, indent=2))
-    return report
-
-
 __all__ = [
     "LowpassPyramid",
-    "atoms_report",
     "SparseDeconvConfig",
     "SparseDeconvGenerator",
-    "atoms_grid",
-    "lowpass_pyramid",
-    "per_scale_psnr",
-    "sparsity_statistics",
     "upsample2",
 ]
