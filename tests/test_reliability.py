@@ -4,9 +4,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 import warnings
 
 import pytest
@@ -21,6 +18,7 @@ from scatgen.codes import CoeffSpill, prepare_codes, remove_stale_spills
 from scatgen.config import config_to_dict, load_config
 from scatgen.integrity import CorruptFileError, write_manifest
 from scatgen.training import NonFiniteLossError, Trainer, lr_factor
+from signal_points import popen_signalled
 
 CONFIG = str(ROOT / "configs" / "polygons.yaml")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # equal thread counts, so that runs compared bit for bit reduce alike
@@ -134,15 +132,21 @@ def test_a_second_concurrent_run_is_refused(tmp_path):
 
 
 def test_concurrent_train_scripts_one_fails_clearly(tmp_path):
-    args = [str(ROOT / "train.py"), CONFIG, *as_args(tiny_overrides(tmp_path, train__max_steps=40))]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for _ in range(2)]
-    results = [p.communicate(timeout=600) + (p.returncode,) for p in procs]
-    codes = sorted(r[2] for r in results)
-    assert codes == [0, 1], [r[1][-500:] for r in results]
-    failed = next(r for r in results if r[2] == 1)
-    assert "in use by another scatgen run" in failed[1] and "Traceback" not in failed[1]
+    args = [CONFIG, *as_args(tiny_overrides(tmp_path))]
+    # The first run stops itself once it holds the folder's lock, so the second certainly starts during it.
+    first = popen_signalled("locked", signal.SIGSTOP, "train.py", *args, env=ONE_THREAD)
+    try:
+        _, status = os.waitpid(first.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), "the first run ended before it held the lock"
+        second = run_script("train.py", *args, env=ONE_THREAD)
+        first.send_signal(signal.SIGCONT)
+        out, err = first.communicate(timeout=600)
+    finally:
+        first.kill()  # a no-op once it has finished
+    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    assert f"in use by another scatgen run (pid {first.pid})" in second.stderr
+    assert first.returncode == 0, err[-2000:]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 12
 
 
 # 5. bit rot is detected: caches recompute, checkpoints fall back, bundles refuse -----------------------------
@@ -216,20 +220,11 @@ def test_sample_script_reports_a_corrupt_bundle_in_one_line(run_dir, tmp_path):
 
 # kills ------------------------------------------------------------------------------------------------------
 
-def _popen_train(overrides):
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), CONFIG, *as_args(overrides)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **ONE_THREAD})
-
-
-def _kill_when(proc, condition, timeout=300):
-    deadline = time.time() + timeout
-    while not condition():
-        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
-        assert time.time() < deadline, "timed out waiting for the moment to kill"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+def _train_killed_at(point, overrides):
+    """train.py, killed by SIGKILL at `point` of its work (see signal_points)."""
+    proc = popen_signalled(point, signal.SIGKILL, "train.py", CONFIG, *as_args(overrides), env=ONE_THREAD)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {err[-2000:]}"
 
 
 def test_sigkill_after_a_checkpoint_then_resume_gives_the_straight_run(tmp_path):
@@ -239,9 +234,8 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_the_straight_run(tmp_path)
     assert run_script("train.py", CONFIG, *as_args(straight), env=ONE_THREAD).returncode == 0
     killed = tiny_overrides(tmp_path / "b", **base)
     run = tmp_path / "b" / "run"
-    proc = _popen_train(killed)
-    _kill_when(proc, lambda: (run / "checkpoints" / "step-0000010").is_dir())
-    assert not (run / "model").exists()
+    _train_killed_at("checkpoint", killed)
+    assert _checkpoints(run) == ["step-0000010"] and not (run / "model").exists()
     result = run_script("train.py", CONFIG, *as_args(dict(killed, **{"run.resume": "latest"})), env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-2000:]
     a, b = load_file(str(tmp_path / "a/run/model/model.safetensors")), load_file(str(run / "model/model.safetensors"))
@@ -250,11 +244,11 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_the_straight_run(tmp_path)
 
 
 def test_sigkill_during_encoding_then_rerun_completes_and_leaves_no_spill(tmp_path):
-    overrides = tiny_overrides(tmp_path, data__num_train=2048, train__max_steps=3)
+    overrides = tiny_overrides(tmp_path, train__max_steps=3)
     cache = tmp_path / "cache"
-    proc = _popen_train(overrides)
-    _kill_when(proc, lambda: any(cache.glob(".spill-*.f32")) and any(p.stat().st_size > 0 for p in cache.glob(".spill-*.f32")))
-    assert list(cache.glob(".spill-*.f32")), "the kill should leave the spill behind"
+    _train_killed_at("spill", overrides)
+    spills = list(cache.glob(".spill-*.f32"))
+    assert len(spills) == 1 and spills[0].stat().st_size > 0, "the kill should leave the spill behind"
     result = run_script("train.py", CONFIG, *as_args(overrides))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "scattering spill left by a killed run" in result.stderr
