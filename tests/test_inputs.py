@@ -62,6 +62,7 @@ def no_encoding(monkeypatch):
 
 # 1. image range ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_images_outside_minus_one_one_are_refused_uint8_converted_unit_range_warned(pipe, images):
     codes = pipe.encode(images)
     as_255 = (images + 1) * 127.5
@@ -120,6 +121,7 @@ def test_a_linked_file_is_used_once_in_one_split(tmp_path, mode):
 
 # 3. sample --individual names ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_individual_samples_of_different_settings_do_not_overwrite(run_dir, tmp_path, capsys):
     out = tmp_path / "o"
     assert cli(capsys, "sample", str(run_dir), "--n", "3", "--refine", "0", "--individual", "--out", str(out))[0] == 0
@@ -143,6 +145,7 @@ def test_a_duplicated_yaml_key_is_an_error_naming_both_lines(tmp_path):
         load_config(path)
 
 
+@pytest.mark.slow
 def test_a_yaml_alias_bomb_is_refused_unexpanded_in_one_short_line(tmp_path, monkeypatch):
     lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
     for prev, name in zip("abcdefgh", "bcdefghi"):
@@ -186,6 +189,7 @@ def test_whitening_d_above_the_train_images_warns_before_encoding(tmp_path, monk
 
 # 6. NaN or inf ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_nonfinite_codes_and_pixels_are_refused(pipe, images):
     codes = pipe.encode(images)
     for bad in (float("nan"), float("inf")):
@@ -205,6 +209,7 @@ def test_nonfinite_codes_and_pixels_are_refused(pipe, images):
 
 # 7. decode(known=...) -----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_known_must_be_a_count_of_components(pipe):
     codes = pipe.random_codes(2, seed=0)
     for bad in (-1, pipe.d + 1):
@@ -217,6 +222,7 @@ def test_known_must_be_a_count_of_components(pipe):
 
 # output paths, the cache folder and --inception: checked before the work ------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["sample", "reconstruct", "evaluate", "interpolate", "vary", "atoms"])
 def test_an_unusable_out_is_one_line_before_the_work(run_dir, tmp_path, capsys, monkeypatch, command):
     no_work(monkeypatch)
@@ -229,6 +235,7 @@ def test_an_unusable_out_is_one_line_before_the_work(run_dir, tmp_path, capsys, 
         assert status == 1 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_a_read_only_run_folder_is_one_line_before_the_work(run_dir, capsys, monkeypatch):
     # Tests run as root, to whom chmod'ed folders stay writable: the file system's answer is simulated.
     def read_only(path):
@@ -242,6 +249,7 @@ def test_a_read_only_run_folder_is_one_line_before_the_work(run_dir, capsys, mon
         assert status == 1 and "Read-only file system" in err and "on a writable file system" in err, err
 
 
+@pytest.mark.slow
 def test_an_unwritable_cache_folder_has_a_way_out(run_dir, tmp_path, capsys):
     bundle = tmp_path / "model"
     import shutil
@@ -263,6 +271,7 @@ def test_an_unwritable_cache_folder_has_a_way_out(run_dir, tmp_path, capsys):
     assert (tmp_path / "o" / "reconstructions.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_missing_inception_file_is_reported_first(run_dir, pipe, tmp_path, capsys, monkeypatch):
     from scatgen import evaluation
 
@@ -280,6 +289,7 @@ def test_a_missing_inception_file_is_reported_first(run_dir, pipe, tmp_path, cap
 
 # API types ------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_codes_of_other_types(pipe):
     codes = pipe.random_codes(2, seed=0)
     reference = pipe.decode(codes, refine=0)
@@ -293,6 +303,7 @@ def test_codes_of_other_types(pipe):
             pipe.decode(bad, refine=0)
 
 
+@pytest.mark.slow
 def test_counts_and_seeds_of_other_types(pipe):
     with pytest.raises(TypeError, match="number of samples n must be a whole number, got 2.5"):
         pipe.sample(2.5)
@@ -307,6 +318,7 @@ def test_counts_and_seeds_of_other_types(pipe):
     assert pipe.sample(2, seed=np.int64(3), refine=0).shape == (2, 3, 32, 32)  # NumPy integers are integers
 
 
+@pytest.mark.slow
 def test_cli_seeds_beyond_64_bits(run_dir, tmp_path, capsys):
     status, err = cli(capsys, "sample", str(run_dir), "--seed", str(2**70), "--out", str(tmp_path))
     assert status == 2 and "seed must be in [0, 2^63)" in err
@@ -317,6 +329,7 @@ def test_cli_seeds_beyond_64_bits(run_dir, tmp_path, capsys):
 
 # empty batches --------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_empty_batches_give_empty_results(pipe):
     none = torch.empty(0, 3, 32, 32)
     assert pipe.encode(none).shape == (0, pipe.d)
@@ -340,6 +353,7 @@ def test_a_folder_run_with_one_test_image_is_refused_before_encoding(tmp_path, m
 
 # devices --------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_devices_that_do_not_exist(run_dir, tmp_path, capsys):
     status, err = cli(capsys, "sample", str(run_dir), "--device", "gpu0", "--out", str(tmp_path))
     assert status == 2 and "unknown device 'gpu0'" in err
@@ -354,6 +368,7 @@ def test_devices_that_do_not_exist(run_dir, tmp_path, capsys):
 
 # huge outputs ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_huge_outputs_are_refused_or_chunked(run_dir, tmp_path, capsys, monkeypatch):
     no_work(monkeypatch)
     status, err = cli(capsys, "interpolate", str(run_dir), "--a", "seed:0", "--b", "seed:1", "--steps", "100000")
@@ -367,6 +382,7 @@ def test_huge_outputs_are_refused_or_chunked(run_dir, tmp_path, capsys, monkeypa
         grid(strip, nrow=100_000)
 
 
+@pytest.mark.slow
 def test_long_sampling_is_chunked_and_shows_progress(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(commands, "SAMPLE_CHUNK", 4)
     monkeypatch.setattr(commands, "GRID_MAX", 6)
@@ -396,6 +412,7 @@ def test_sigterm_in_the_loop_is_a_checkpoint_and_a_distinct_stop(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "step-0000001").is_dir()
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_gives_the_straight_run(tmp_path):
     base = dict(train__max_steps=60, train__checkpoint_every=10, train__eval_every=30, train__max_minutes=0)
     straight = tiny_overrides(tmp_path / "a", **base)
@@ -417,6 +434,7 @@ def test_sigterm_then_resume_gives_the_straight_run(tmp_path):
     assert json.loads((run / "metrics.json").read_text())["steps"] == 60
 
 
+@pytest.mark.slow
 def test_sigterm_outside_the_training_steps_unwinds(tmp_path):
     # During encoding: no checkpoint can exist yet, but the spill file and the lock must not be left behind.
     overrides = tiny_overrides(tmp_path, train__max_steps=3)
@@ -429,6 +447,7 @@ def test_sigterm_outside_the_training_steps_unwinds(tmp_path):
     assert not list(cache.glob(".spill-*.f32"))
 
 
+@pytest.mark.slow
 def test_sigterm_during_sampling_says_so_and_leaves_no_partial_file(run_dir, tmp_path):
     out = tmp_path / "o"
     # SIGTERM arrives while the 11th picture is being written.
@@ -446,6 +465,7 @@ def test_config_values_beyond_64_bits_or_not_finite_are_errors():
         load_config(None, {"whitening.eps": "nan"})
 
 
+@pytest.mark.slow
 def test_probed_edges_of_the_api(pipe, tmp_path):
     z = pipe.random_codes(3, seed=0)
     assert pipe.interpolate_codes(z[:0], z[:0], torch.linspace(0, 1, 4)).shape == (0, 4, pipe.d)

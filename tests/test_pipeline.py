@@ -10,6 +10,9 @@ import scatgen
 from scatgen.integrity import update_manifest
 from scatgen.pipeline import Pipeline
 
+# Every test here reads the session's trained run (conftest.run_dir), which a first test waits for.
+pytestmark = pytest.mark.slow
+
 
 def _same_outputs(a: Pipeline, b: Pipeline) -> None:
     codes = a.random_codes(4, seed=0)  # the bundle's flow prior

@@ -68,6 +68,7 @@ def test_bad_sampling_arguments():
         prior.sample(0)
 
 
+@pytest.mark.slow
 def test_run_bundle_holds_the_configured_prior(run_dir):
     pipe = scatgen.load(run_dir)
     assert set(pipe.priors) == {"normal", "flow"} and pipe.default_prior == "flow"
@@ -76,6 +77,7 @@ def test_run_bundle_holds_the_configured_prior(run_dir):
         pipe.sample(2, prior="gmm")
 
 
+@pytest.mark.slow
 def test_bundle_without_a_prior_loads_with_normal(run_dir, tmp_path):
     generator, whitening, cfg = load_bundle(run_dir)
     save_bundle(tmp_path / "old", generator, whitening, cfg)  # as bundles were written before priors
@@ -84,6 +86,7 @@ def test_bundle_without_a_prior_loads_with_normal(run_dir, tmp_path):
     assert pipe.sample(3, seed=0, refine=0).shape == (3, 3, 32, 32)
 
 
+@pytest.mark.slow
 def test_prior_of_another_code_size_is_refused(run_dir):
     generator, whitening, cfg = load_bundle(run_dir)
     with pytest.raises(ValueError, match="d=5.*refit"):
@@ -155,6 +158,7 @@ def test_gmm_has_no_inverse():
         prior.vary(two_clusters(n=4), 0.5)
 
 
+@pytest.mark.slow
 def test_pipeline_vary_and_interpolate_through_the_prior(run_dir):
     pipe = scatgen.load(run_dir)
     code = pipe.encode(pipe_test_images(pipe, 2))
@@ -182,6 +186,7 @@ def pipe_test_images(pipe, n):
     return torch.stack([dataset[i] for i in range(n)])
 
 
+@pytest.mark.slow
 def test_a_prior_without_an_inverse_cannot_interpolate_or_vary(run_dir):
     generator, whitening, cfg = load_bundle(run_dir)
     gmm = fit_gmm(torch.randn(64, whitening.d, generator=torch.Generator().manual_seed(0)), components=2)

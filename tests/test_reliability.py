@@ -131,6 +131,7 @@ def test_a_second_concurrent_run_is_refused(tmp_path):
     Trainer(load_config(None, overrides), progress=False).lock.release()  # free again
 
 
+@pytest.mark.slow
 def test_concurrent_train_scripts_one_fails_clearly(tmp_path):
     args = [CONFIG, *as_args(tiny_overrides(tmp_path))]
     # The first run stops itself once it holds the folder's lock, so the second certainly starts during it.
@@ -181,6 +182,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert metrics["steps"] == 12
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["model.safetensors", "bundle.json", "whitening.safetensors", "config.yaml"])
 def test_corrupt_bundle_is_an_error_naming_the_file(run_dir, tmp_path, name):
     bundle = tmp_path / "model"
@@ -190,6 +192,7 @@ def test_corrupt_bundle_is_an_error_naming_the_file(run_dir, tmp_path, name):
         load_bundle(bundle)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate-model", "not-json", "not-yaml"])
 def test_damaged_bundle_without_checksums_is_still_a_one_line_error(run_dir, tmp_path, damage):
     bundle = tmp_path / "model"
@@ -209,6 +212,7 @@ def test_damaged_bundle_without_checksums_is_still_a_one_line_error(run_dir, tmp
         load_bundle(bundle)
 
 
+@pytest.mark.slow
 def test_sample_script_reports_a_corrupt_bundle_in_one_line(run_dir, tmp_path):
     bundle = tmp_path / "model"
     shutil.copytree(run_dir / "model", bundle)
@@ -227,6 +231,7 @@ def _train_killed_at(point, overrides):
     assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {err[-2000:]}"
 
 
+@pytest.mark.slow
 def test_sigkill_after_a_checkpoint_then_resume_gives_the_straight_run(tmp_path):
     # No wall-clock budget: its time-based learning-rate decay would differ between any two runs.
     base = dict(train__max_steps=60, train__checkpoint_every=10, train__eval_every=30, train__max_minutes=0)
@@ -243,6 +248,7 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_the_straight_run(tmp_path)
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
 def test_sigkill_during_encoding_then_rerun_completes_and_leaves_no_spill(tmp_path):
     overrides = tiny_overrides(tmp_path, train__max_steps=3)
     cache = tmp_path / "cache"
@@ -267,6 +273,7 @@ def test_spill_in_use_is_not_removed(tmp_path):
 
 # one-line errors ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_unwritable_out_dir_is_a_one_line_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -283,6 +290,7 @@ def test_unwritable_out_dir_is_a_one_line_error(tmp_path):
     ("--train.lr=inf", "train.lr=inf must be a finite number"),
     ("--data.image_size=48", "48"),
 ])
+@pytest.mark.slow
 def test_bad_values_fail_before_any_work(tmp_path, tiny, override, message):
     result = run_script("train.py", CONFIG, *as_args(tiny), override)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
@@ -298,6 +306,7 @@ def test_manifest_detects_a_missing_file(tmp_path):
         verify_manifest(tmp_path)
 
 
+@pytest.mark.slow
 def test_sample_script_rejects_a_bad_dataset_index(run_dir, tmp_path):
     result = run_script("sample.py", "interpolate", str(run_dir), "--a", "test:abc", "--b", "test:1",
                         "--refine", "0", "--out", str(tmp_path))
@@ -305,6 +314,7 @@ def test_sample_script_rejects_a_bad_dataset_index(run_dir, tmp_path):
     assert "'test:abc': expected a whole number" in result.stderr
 
 
+@pytest.mark.slow
 def test_reconstruct_folder_skips_a_corrupt_file(run_dir, tmp_path):
     from PIL import Image
 

@@ -11,6 +11,9 @@ from conftest import run_script
 from scatgen import metrics
 from scatgen.evaluation import evaluate, markdown_table
 
+# Every test here reads the session's trained run (conftest.run_dir), which a first test waits for.
+pytestmark = pytest.mark.slow
+
 
 def test_python_api(run_dir):
     pipe = scatgen.load(run_dir)
