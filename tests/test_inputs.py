@@ -403,6 +403,7 @@ def test_long_sampling_is_chunked_and_shows_progress(run_dir, tmp_path, capsys, 
 
 # SIGTERM --------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_in_the_loop_is_a_checkpoint_and_a_distinct_stop(tmp_path):
     trainer = Trainer(load_config(None, tiny_overrides(tmp_path)), progress=False)
     trainer._request_stop(signal.SIGTERM, None)  # what the handler does when SIGTERM arrives

@@ -25,6 +25,7 @@ def test_gmm_recovers_a_two_cluster_mixture(covariance):
     assert ((samples[:, 0] > 1).float().mean() - 0.3).abs() < 0.03
 
 
+@pytest.mark.slow
 def test_flow_prior_learns_a_shifted_scaled_gaussian():
     g = torch.Generator().manual_seed(0)
     codes = 3.0 + 0.5 * torch.randn(4000, 4, generator=g)
@@ -200,6 +201,7 @@ def test_a_prior_without_an_inverse_cannot_interpolate_or_vary(run_dir):
     assert pipe.interpolate(codes[0], codes[1], steps=3, refine=0).shape == (3, 3, 32, 32)
 
 
+@pytest.mark.slow
 def test_code_weighting_spends_the_autoencoder_on_the_heavy_components():
     # Independent components cannot all pass a 2-d latent: the unweighted autoencoder shares it out
     # over all 8, the weighted one keeps the two components with large eigenvalues.

@@ -38,6 +38,7 @@ def _checkpoints(run):
 
 # 1. a resume may change the learning rate, and the change takes effect --------------------------------------
 
+@pytest.mark.slow
 def test_resumed_learning_rate_takes_effect(tmp_path):
     first = tiny_overrides(tmp_path, train__max_steps=6)
     Trainer(load_config(None, first), progress=False).train()
@@ -63,6 +64,7 @@ def test_nonfinite_buffer_is_never_checkpointed(tmp_path):
     assert not list((tmp_path / "run" / "checkpoints").glob("step-*"))
 
 
+@pytest.mark.slow
 def test_nan_message_names_the_checkpoint_it_keeps(tmp_path, monkeypatch):
     trainer = Trainer(load_config(None, tiny_overrides(tmp_path)), progress=False)
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -82,6 +84,7 @@ def test_nan_message_names_the_checkpoint_it_keeps(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("field,value", [("encoder.J", "2"), ("encoder.L", "2"), ("whitening.d", "16"),
                                          ("data.image_size", "64"), ("generator.channels", "16")])
+@pytest.mark.slow
 def test_resume_refuses_a_changed_model_before_encoding(tmp_path, monkeypatch, field, value):
     first = tiny_overrides(tmp_path, train__max_steps=6)
     Trainer(load_config(None, first), progress=False).train()
@@ -110,6 +113,7 @@ def test_resume_conflicts_allow_budgets_cadence_and_lr():
 
 # 4. one run per folder -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_fresh_run_into_a_used_folder_is_refused_unless_overwrite(tmp_path):
     overrides = tiny_overrides(tmp_path, train__max_steps=6)
     Trainer(load_config(None, overrides), progress=False).train()
@@ -141,7 +145,7 @@ def test_concurrent_train_scripts_one_fails_clearly(tmp_path):
         assert os.WIFSTOPPED(status), "the first run ended before it held the lock"
         second = run_script("train.py", *args, env=ONE_THREAD)
         first.send_signal(signal.SIGCONT)
-        out, err = first.communicate(timeout=600)
+        _, err = first.communicate(timeout=600)
     finally:
         first.kill()  # a no-op once it has finished
     assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
@@ -152,6 +156,7 @@ def test_concurrent_train_scripts_one_fails_clearly(tmp_path):
 
 # 5. bit rot is detected: caches recompute, checkpoints fall back, bundles refuse -----------------------------
 
+@pytest.mark.slow
 def test_corrupt_code_and_whitening_cache_are_recomputed(tmp_path):
     cfg = load_config(None, tiny_overrides(tmp_path))
     _, whitening, codesets = prepare_codes(cfg, progress=False)
@@ -169,6 +174,7 @@ def test_corrupt_code_and_whitening_cache_are_recomputed(tmp_path):
     assert torch.isfinite(codesets2["train"].codes).all()
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
     overrides = tiny_overrides(tmp_path)
     Trainer(load_config(None, overrides), progress=False).train()
