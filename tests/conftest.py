@@ -44,7 +44,8 @@ def run_script(*args: str, timeout: int = 300, env: dict | None = None):
 
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory):
-    """One tiny trained run (with a flow prior) shared by every test that only reads it."""
+    """One tiny trained run (with a flow prior) shared by every test that only reads it. Those tests are
+    marked slow: whichever comes first waits for the training."""
     from scatgen.config import load_config
     from scatgen.training import Trainer
 

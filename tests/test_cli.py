@@ -28,6 +28,7 @@ def launchers() -> list[str | None]:
     return [None] + ([script] if script else [])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", launchers())
 def test_help_and_version_in_a_subprocess(tmp_path, script):
     result = scatgen_command("--help", cwd=tmp_path, script=script)
@@ -60,6 +61,7 @@ def test_packaged_configs_are_the_project_configs(tmp_path, monkeypatch):
     assert find_config("polygons.yaml") == Path("polygons.yaml")  # a file of that name wins
 
 
+@pytest.mark.slow
 def test_scatgen_train_then_sample_from_another_folder(tmp_path):
     overrides = tiny_overrides(tmp_path, train__max_steps=4, prior__kind="normal", refine__steps=0)
     result = scatgen_command("train", "polygons", *as_args(overrides), cwd=tmp_path)

@@ -6,6 +6,9 @@ from scatgen.codes import prepare_codes
 from scatgen.config import load_config
 from scatgen.scattering import Scattering
 
+# Every test here scatters and whitens a tiny data set, over ~3 s alone.
+pytestmark = pytest.mark.slow
+
 
 def _cfg(tmp_path, **extra):
     return load_config(None, tiny_overrides(tmp_path, **extra))

@@ -23,6 +23,7 @@ def _digest(images) -> str:
     return hashlib.sha256(b"".join(x.numpy().tobytes() for x in images)).hexdigest()
 
 
+@pytest.mark.slow
 def test_polygons_are_deterministic_across_calls_and_processes():
     cfg = DataConfig(name="polygons", image_size=32, num_train=20, num_test=5)
     here = _digest([build_dataset(cfg, "train")[i] for i in range(5)])

@@ -209,6 +209,7 @@ def test_build_dataset_follows_data_cache_images(tmp_path):
     assert len(_entries(tmp_path)) == 1
 
 
+@pytest.mark.slow
 def test_encoding_through_the_cache_gives_the_same_codes(tmp_path):
     extra = dict(data__num_train=64, data__num_test=16)
     _, cached = prepare_codes(load_config(None, tiny_overrides(tmp_path / "a", **extra)), progress=False)

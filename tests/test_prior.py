@@ -25,6 +25,7 @@ def test_gmm_recovers_a_two_cluster_mixture(covariance):
     assert ((samples[:, 0] > 1).float().mean() - 0.3).abs() < 0.03
 
 
+@pytest.mark.slow
 def test_flow_prior_learns_a_shifted_scaled_gaussian():
     g = torch.Generator().manual_seed(0)
     codes = 3.0 + 0.5 * torch.randn(4000, 4, generator=g)
@@ -68,6 +69,7 @@ def test_bad_sampling_arguments():
         prior.sample(0)
 
 
+@pytest.mark.slow
 def test_run_bundle_holds_the_configured_prior(run_dir):
     pipe = scatgen.load(run_dir)
     assert set(pipe.priors) == {"normal", "flow"} and pipe.default_prior == "flow"
@@ -76,6 +78,7 @@ def test_run_bundle_holds_the_configured_prior(run_dir):
         pipe.sample(2, prior="gmm")
 
 
+@pytest.mark.slow
 def test_bundle_without_a_prior_loads_with_normal(run_dir, tmp_path):
     generator, whitening, cfg = load_bundle(run_dir)
     save_bundle(tmp_path / "old", generator, whitening, cfg)  # as bundles were written before priors
@@ -84,6 +87,7 @@ def test_bundle_without_a_prior_loads_with_normal(run_dir, tmp_path):
     assert pipe.sample(3, seed=0, refine=0).shape == (3, 3, 32, 32)
 
 
+@pytest.mark.slow
 def test_prior_of_another_code_size_is_refused(run_dir):
     generator, whitening, cfg = load_bundle(run_dir)
     with pytest.raises(ValueError, match="d=5.*refit"):
@@ -155,6 +159,7 @@ def test_gmm_has_no_inverse():
         prior.vary(two_clusters(n=4), 0.5)
 
 
+@pytest.mark.slow
 def test_pipeline_vary_and_interpolate_through_the_prior(run_dir):
     pipe = scatgen.load(run_dir)
     code = pipe.encode(pipe_test_images(pipe, 2))
@@ -182,6 +187,7 @@ def pipe_test_images(pipe, n):
     return torch.stack([dataset[i] for i in range(n)])
 
 
+@pytest.mark.slow
 def test_a_prior_without_an_inverse_cannot_interpolate_or_vary(run_dir):
     generator, whitening, cfg = load_bundle(run_dir)
     gmm = fit_gmm(torch.randn(64, whitening.d, generator=torch.Generator().manual_seed(0)), components=2)
@@ -195,6 +201,7 @@ def test_a_prior_without_an_inverse_cannot_interpolate_or_vary(run_dir):
     assert pipe.interpolate(codes[0], codes[1], steps=3, refine=0).shape == (3, 3, 32, 32)
 
 
+@pytest.mark.slow
 def test_code_weighting_spends_the_autoencoder_on_the_heavy_components():
     # Independent components cannot all pass a 2-d latent: the unweighted autoencoder shares it out
     # over all 8, the weighted one keeps the two components with large eigenvalues.

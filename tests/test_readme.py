@@ -13,6 +13,7 @@ def test_the_readme_has_the_walkthrough():
     assert any("save_pretrained" in block and "pipe.encode" in block for block in BLOCKS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_python_block_runs(index, run_dir, tmp_path, monkeypatch):
     # The blocks name runs/polygons; here that is the tiny run, and whatever they write lands in tmp_path.

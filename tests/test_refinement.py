@@ -31,6 +31,7 @@ def energy(pipe, objective, x):
         return objective(pipe.scattering(x).reshape(len(x), -1))
 
 
+@pytest.mark.slow
 def test_full_refinement_lowers_its_objective_and_raises_psnr(pipe, batch):
     images, _, start = batch
     cfg = RefineConfig(steps=30, lr=0.01)
@@ -44,6 +45,7 @@ def test_full_refinement_lowers_its_objective_and_raises_psnr(pipe, batch):
     assert refined.abs().max() <= 1
 
 
+@pytest.mark.slow
 def test_code_refinement_lowers_its_objective_and_the_cycle_error(pipe, batch):
     _, codes, start = batch
     for optimizer in ("adam", "lbfgs"):
@@ -57,6 +59,7 @@ def test_code_refinement_lowers_its_objective_and_the_cycle_error(pipe, batch):
         assert cycle(refined) < cycle(start), optimizer
 
 
+@pytest.mark.slow
 def test_anchor_holds_the_coefficients_the_code_does_not_fix(pipe, batch):
     _, codes, start = batch
     w = pipe.whitening
@@ -82,6 +85,7 @@ def test_total_variation_on_constructed_images():
     assert torch.allclose(total_variation(edge), torch.full((2,), 24.0))
 
 
+@pytest.mark.slow
 def test_tv_regulariser_smooths(pipe, batch):
     images, _, start = batch
     noisy = (start + 0.1 * torch.randn(start.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
@@ -92,6 +96,7 @@ def test_tv_regulariser_smooths(pipe, batch):
     assert total_variation(smooth).mean() < total_variation(plain).mean()
 
 
+@pytest.mark.slow
 def test_pipeline_refine_argument(pipe, batch):
     images, codes, start = batch
     assert torch.equal(pipe.decode(codes, refine=0), start)

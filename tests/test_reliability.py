@@ -4,9 +4,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 import warnings
 
 import pytest
@@ -22,6 +19,7 @@ from scatgen.coefficients import CoeffSpill, remove_stale_spills
 from scatgen.config import config_to_dict, load_config
 from scatgen.integrity import CorruptFileError, write_manifest
 from scatgen.training import NonFiniteLossError, Trainer, lr_factor
+from signal_points import popen_signalled
 
 CONFIG = str(ROOT / "configs" / "polygons.yaml")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # equal thread counts, so that runs compared bit for bit reduce alike
@@ -41,6 +39,7 @@ def _checkpoints(run):
 
 # 1. a resume may change the learning rate, and the change takes effect --------------------------------------
 
+@pytest.mark.slow
 def test_resumed_learning_rate_takes_effect(tmp_path):
     first = tiny_overrides(tmp_path, train__max_steps=6)
     Trainer(load_config(None, first), progress=False).train()
@@ -67,6 +66,7 @@ def test_nonfinite_buffer_is_never_checkpointed(tmp_path):
     assert not list((tmp_path / "run" / "checkpoints").glob("step-*"))
 
 
+@pytest.mark.slow
 def test_nan_message_names_the_checkpoint_it_keeps(tmp_path, monkeypatch):
     trainer = Trainer(load_config(None, tiny_overrides(tmp_path)), progress=False)
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -86,6 +86,7 @@ def test_nan_message_names_the_checkpoint_it_keeps(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("field,value", [("encoder.J", "2"), ("encoder.L", "2"), ("whitening.d", "16"),
                                          ("data.image_size", "64"), ("generator.channels", "16")])
+@pytest.mark.slow
 def test_resume_refuses_a_changed_model_before_encoding(tmp_path, monkeypatch, field, value):
     first = tiny_overrides(tmp_path, train__max_steps=6)
     Trainer(load_config(None, first), progress=False).train()
@@ -114,6 +115,7 @@ def test_resume_conflicts_allow_budgets_cadence_and_lr():
 
 # 4. one run per folder -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_fresh_run_into_a_used_folder_is_refused_unless_overwrite(tmp_path):
     overrides = tiny_overrides(tmp_path, train__max_steps=6)
     Trainer(load_config(None, overrides), progress=False).train()
@@ -135,20 +137,28 @@ def test_a_second_concurrent_run_is_refused(tmp_path):
     Trainer(load_config(None, overrides), progress=False).lock.release()  # free again
 
 
+@pytest.mark.slow
 def test_concurrent_train_scripts_one_fails_clearly(tmp_path):
-    args = [str(ROOT / "train.py"), CONFIG, *as_args(tiny_overrides(tmp_path, train__max_steps=40))]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for _ in range(2)]
-    results = [p.communicate(timeout=600) + (p.returncode,) for p in procs]
-    codes = sorted(r[2] for r in results)
-    assert codes == [0, 1], [r[1][-500:] for r in results]
-    failed = next(r for r in results if r[2] == 1)
-    assert "in use by another scatgen run" in failed[1] and "Traceback" not in failed[1]
+    args = [CONFIG, *as_args(tiny_overrides(tmp_path))]
+    # The first run stops itself once it holds the folder's lock, so the second certainly starts during it.
+    first = popen_signalled("locked", signal.SIGSTOP, "train.py", *args, env=ONE_THREAD)
+    try:
+        _, status = os.waitpid(first.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), "the first run ended before it held the lock"
+        second = run_script("train.py", *args, env=ONE_THREAD)
+        first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=600)
+    finally:
+        first.kill()  # a no-op once it has finished
+    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    assert f"in use by another scatgen run (pid {first.pid})" in second.stderr
+    assert first.returncode == 0, err[-2000:]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 12
 
 
 # 5. bit rot is detected: caches recompute, checkpoints fall back, bundles refuse -----------------------------
 
+@pytest.mark.slow
 def test_corrupt_code_and_whitening_cache_are_recomputed(tmp_path):
     cfg = load_config(None, tiny_overrides(tmp_path))
     encoder, codesets = prepare_codes(cfg, progress=False)
@@ -168,6 +178,7 @@ def test_corrupt_code_and_whitening_cache_are_recomputed(tmp_path):
     assert torch.isfinite(codesets2["train"].codes).all()
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
     overrides = tiny_overrides(tmp_path)
     Trainer(load_config(None, overrides), progress=False).train()
@@ -181,6 +192,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert metrics["steps"] == 12
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["model.safetensors", "bundle.json", "whitening.safetensors", "config.yaml"])
 def test_corrupt_bundle_is_an_error_naming_the_file(run_dir, tmp_path, name):
     bundle = tmp_path / "model"
@@ -190,6 +202,7 @@ def test_corrupt_bundle_is_an_error_naming_the_file(run_dir, tmp_path, name):
         load_bundle(bundle)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate-model", "not-json", "not-yaml"])
 def test_damaged_bundle_without_checksums_is_still_a_one_line_error(run_dir, tmp_path, damage):
     bundle = tmp_path / "model"
@@ -209,6 +222,7 @@ def test_damaged_bundle_without_checksums_is_still_a_one_line_error(run_dir, tmp
         load_bundle(bundle)
 
 
+@pytest.mark.slow
 def test_sample_script_reports_a_corrupt_bundle_in_one_line(run_dir, tmp_path):
     bundle = tmp_path / "model"
     shutil.copytree(run_dir / "model", bundle)
@@ -220,22 +234,14 @@ def test_sample_script_reports_a_corrupt_bundle_in_one_line(run_dir, tmp_path):
 
 # kills ------------------------------------------------------------------------------------------------------
 
-def _popen_train(overrides):
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), CONFIG, *as_args(overrides)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **ONE_THREAD})
+def _train_killed_at(point, overrides):
+    """train.py, killed by SIGKILL at `point` of its work (see signal_points)."""
+    proc = popen_signalled(point, signal.SIGKILL, "train.py", CONFIG, *as_args(overrides), env=ONE_THREAD)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {err[-2000:]}"
 
 
-def _kill_when(proc, condition, timeout=300):
-    deadline = time.time() + timeout
-    while not condition():
-        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
-        assert time.time() < deadline, "timed out waiting for the moment to kill"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
+@pytest.mark.slow
 def test_sigkill_after_a_checkpoint_then_resume_gives_the_straight_run(tmp_path):
     # No wall-clock budget: its time-based learning-rate decay would differ between any two runs.
     base = dict(train__max_steps=60, train__checkpoint_every=10, train__eval_every=30, train__max_minutes=0)
@@ -243,9 +249,8 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_the_straight_run(tmp_path)
     assert run_script("train.py", CONFIG, *as_args(straight), env=ONE_THREAD).returncode == 0
     killed = tiny_overrides(tmp_path / "b", **base)
     run = tmp_path / "b" / "run"
-    proc = _popen_train(killed)
-    _kill_when(proc, lambda: (run / "checkpoints" / "step-0000010").is_dir())
-    assert not (run / "model").exists()
+    _train_killed_at("checkpoint", killed)
+    assert _checkpoints(run) == ["step-0000010"] and not (run / "model").exists()
     result = run_script("train.py", CONFIG, *as_args(dict(killed, **{"run.resume": "latest"})), env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-2000:]
     a, b = load_file(str(tmp_path / "a/run/model/model.safetensors")), load_file(str(run / "model/model.safetensors"))
@@ -253,12 +258,13 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_the_straight_run(tmp_path)
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
 def test_sigkill_during_encoding_then_rerun_completes_and_leaves_no_spill(tmp_path):
-    overrides = tiny_overrides(tmp_path, data__num_train=2048, train__max_steps=3)
+    overrides = tiny_overrides(tmp_path, train__max_steps=3)
     cache = tmp_path / "cache"
-    proc = _popen_train(overrides)
-    _kill_when(proc, lambda: any(cache.glob(".spill-*.f32")) and any(p.stat().st_size > 0 for p in cache.glob(".spill-*.f32")))
-    assert list(cache.glob(".spill-*.f32")), "the kill should leave the spill behind"
+    _train_killed_at("spill", overrides)
+    spills = list(cache.glob(".spill-*.f32"))
+    assert len(spills) == 1 and spills[0].stat().st_size > 0, "the kill should leave the spill behind"
     result = run_script("train.py", CONFIG, *as_args(overrides))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "scattering spill left by a killed run" in result.stderr
@@ -277,6 +283,7 @@ def test_spill_in_use_is_not_removed(tmp_path):
 
 # one-line errors ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_unwritable_out_dir_is_a_one_line_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -293,6 +300,7 @@ def test_unwritable_out_dir_is_a_one_line_error(tmp_path):
     ("--train.lr=inf", "train.lr=inf must be a finite number"),
     ("--data.image_size=48", "48"),
 ])
+@pytest.mark.slow
 def test_bad_values_fail_before_any_work(tmp_path, tiny, override, message):
     result = run_script("train.py", CONFIG, *as_args(tiny), override)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
@@ -308,6 +316,7 @@ def test_manifest_detects_a_missing_file(tmp_path):
         verify_manifest(tmp_path)
 
 
+@pytest.mark.slow
 def test_sample_script_rejects_a_bad_dataset_index(run_dir, tmp_path):
     result = run_script("sample.py", "interpolate", str(run_dir), "--a", "test:abc", "--b", "test:1",
                         "--refine", "0", "--out", str(tmp_path))
@@ -315,6 +324,7 @@ def test_sample_script_rejects_a_bad_dataset_index(run_dir, tmp_path):
     assert "'test:abc': expected a whole number" in result.stderr
 
 
+@pytest.mark.slow
 def test_reconstruct_folder_skips_a_corrupt_file(run_dir, tmp_path):
     from PIL import Image
 

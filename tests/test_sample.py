@@ -1,4 +1,6 @@
 import json
+import shutil
+import warnings
 
 import pytest
 import torch
@@ -6,7 +8,11 @@ from PIL import Image
 
 import scatgen
 from conftest import run_script
+from scatgen import metrics
 from scatgen.evaluation import evaluate, markdown_table
+
+# Every test here reads the session's trained run (conftest.run_dir), which a first test waits for.
+pytestmark = pytest.mark.slow
 
 
 def test_python_api(run_dir):
@@ -29,8 +35,8 @@ def test_python_api(run_dir):
         pipe.encode(torch.randn(2, 3, 16, 16))
 
 
-def test_sample_subcommand(run_dir):
-    out = run_dir / "out-sample"
+def test_sample_subcommand(run_dir, tmp_path):
+    out = tmp_path / "out-sample"
     result = run_script("sample.py", "sample", str(run_dir), "--n", "6", "--seed", "3", "--temperature", "0.7",
                         "--individual", "--out", str(out))
     assert result.returncode == 0, result.stderr
@@ -109,27 +115,53 @@ def test_evaluate_with_a_stand_in_feature_network(run_dir):
         evaluate(pipe, num_train=8, num_fid=8, feature_net=TinyFeatures(), progress=False, priors=["gmm"])
 
 
-def test_evaluate_subcommand_writes_json_and_markdown(run_dir):
-    result = run_script("sample.py", "evaluate", str(run_dir), "--num-fid", "8", "--num-train", "32",
-                        timeout=600)
+class ChannelStatistics(torch.nn.Module):
+    """A stand-in for the FID Inception as a TorchScript file: each channel's mean and spread."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], dim=1)
+
+
+def test_evaluate_subcommand_writes_json_and_markdown(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)  # the report goes into the run folder, and run_dir is shared by the session
+    inception = tmp_path / "inception.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch>=2.9 deprecates torch.jit.script
+        torch.jit.script(ChannelStatistics()).save(str(inception))
+    result = run_script("sample.py", "evaluate", str(run), "--num-fid", "8", "--num-train", "32",
+                        "--inception", str(inception), timeout=600)
     assert result.returncode == 0, result.stderr
-    report = json.loads((run_dir / "evaluation.json").read_text())
-    assert (run_dir / "evaluation.md").is_file()
-    # Either the real Inception from the optional extra ran, or FID says clearly why it did not.
-    assert report["fid"].get("skipped", "").startswith("FID skipped") or report["fid"]["n"] == 8
+    report = json.loads((run / "evaluation.json").read_text())
+    # Weights were given, so FID is computed with them whether or not scatgen[metrics] is installed.
+    assert report["fid"]["n"] == 8 and set(report["fid"]["samples"]) == {"normal", "flow"}
+    for scores in [*report["fid"]["reconstructions"].values(),
+                   *(s for prior in report["fid"]["samples"].values() for s in prior.values())]:
+        assert scores["fid"] >= 0 and 0 <= scores["precision"] <= 1
+    assert (run / "evaluation.md").read_text() == markdown_table(report)
+
+
+def test_evaluate_without_inception_weights_skips_fid_and_says_why(run_dir, monkeypatch):
+    monkeypatch.setattr(metrics, "_find_wheel_weights", lambda: None)  # as without scatgen[metrics]
+    report = evaluate(scatgen.load(run_dir), num_train=8, num_fid=8, num_memorisation=4, progress=False,
+                      refine=0, priors=["normal"])
+    assert report["fid"] == {"skipped": metrics.INCEPTION_UNAVAILABLE_MSG}
+    assert f"FID, KID, precision and recall: {metrics.INCEPTION_UNAVAILABLE_MSG}" in markdown_table(report)
+    assert report["test_reconstruction_raw_first_n"]["n"] == 8  # the rest of the protocol still ran
 
 
 def test_bad_inputs_give_clear_errors(run_dir, tmp_path):
+    out = ["--out", str(tmp_path / "o")]  # not RUN/samples: run_dir is shared by the session
     result = run_script("sample.py", "sample", str(tmp_path / "nowhere"))
     assert result.returncode == 1 and "no model bundle" in result.stderr and "Traceback" not in result.stderr
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    result = run_script("sample.py", "reconstruct", str(run_dir), "--images", str(tmp_path / "bad.png"))
+    result = run_script("sample.py", "reconstruct", str(run_dir), "--images", str(tmp_path / "bad.png"), *out)
     assert result.returncode == 1 and "cannot read image" in result.stderr
-    result = run_script("sample.py", "interpolate", str(run_dir), "--a", "test:100000", "--b", "test:0")
+    result = run_script("sample.py", "interpolate", str(run_dir), "--a", "test:100000", "--b", "test:0", *out)
     assert result.returncode == 1 and "out of range" in result.stderr
-    result = run_script("sample.py", "reconstruct", str(run_dir), "--images", str(tmp_path / "missing.png"))
+    result = run_script("sample.py", "reconstruct", str(run_dir), "--images", str(tmp_path / "missing.png"), *out)
     assert result.returncode == 1 and "not found" in result.stderr
-    result = run_script("sample.py", "atoms", str(run_dir))
+    result = run_script("sample.py", "atoms", str(run_dir), *out)
     assert result.returncode == 1 and "needs a sparse_deconv generator" in result.stderr
 
 

@@ -17,6 +17,7 @@ from scatgen.integrity import write_manifest
 from scatgen.training import NonFiniteLossError, Trainer, lr_factor, noisy_codes
 
 
+@pytest.mark.slow
 def test_train_script_end_to_end(tmp_path, tiny):
     result = run_script("train.py", str(ROOT / "configs/polygons.yaml"), *as_args(tiny))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -34,6 +35,7 @@ def test_train_script_end_to_end(tmp_path, tiny):
     assert len([f for f in cache_files if f.startswith("codes-")]) == 2
 
 
+@pytest.mark.slow
 def test_bad_config_fails_before_any_work(tmp_path, tiny):
     result = run_script("train.py", str(ROOT / "configs/polygons.yaml"), *as_args(tiny), "--train.lrr=1")
     assert result.returncode == 2
@@ -45,6 +47,7 @@ def _weights(run_dir):
     return load_file(str(run_dir / "model" / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
     straight = tiny_overrides(tmp_path, train__code_noise=0.3)
     Trainer(load_config(None, straight), progress=False).train()
@@ -60,6 +63,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
 def test_interrupt_saves_a_checkpoint_and_resume_continues(tmp_path):
     overrides = tiny_overrides(tmp_path)
     trainer = Trainer(load_config(None, overrides), progress=False)
@@ -72,6 +76,7 @@ def test_interrupt_saves_a_checkpoint_and_resume_continues(tmp_path):
     assert metrics["steps"] == 12
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
     trainer = Trainer(load_config(None, tiny_overrides(tmp_path)), progress=False)
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -91,6 +96,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoint(tmp_p
     assert not (tmp_path / "run" / "model").exists()
 
 
+@pytest.mark.slow
 def test_bundle_roundtrip_and_mismatch_refused(tmp_path):
     trainer = Trainer(load_config(None, tiny_overrides(tmp_path, train__max_steps=2)), progress=False)
     trainer.train()
@@ -134,6 +140,7 @@ def test_lr_schedule_and_code_noise():
     torch.testing.assert_close(mixed.var(0), torch.ones(4), atol=0.05, rtol=0)
 
 
+@pytest.mark.slow
 def test_two_processes_train_together_and_write_exactly_one_bundle(tmp_path):
     overrides = tiny_overrides(tmp_path)
     with socket.socket() as probe:  # a free port: a fixed one collides with any other run on the machine
@@ -173,6 +180,7 @@ def _presplit_folder(root, n_train: int = 64, n_test: int = 16):
             Image.fromarray(pixels).save(root / split / f"{i:03d}.png")
 
 
+@pytest.mark.slow
 def test_train_script_on_a_presplit_folder(tmp_path):
     root = tmp_path / "images"
     _presplit_folder(root)
