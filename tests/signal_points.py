@@ -47,7 +47,7 @@ def _install(point: str, signum: int) -> None:
 
         RunLock.acquire = hooked
     elif point == "spill":
-        from scatgen.codes import CoeffSpill
+        from scatgen.coefficients import CoeffSpill
 
         write_through = CoeffSpill.write_through
 
