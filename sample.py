@@ -18,7 +18,7 @@ refine.steps). --prior picks the code prior (default: the bundle's prior.kind, o
 
 import sys
 
-from scatgen.commands import main
+from scatgen.cli import use
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], prog="sample.py", description=__doc__))
+    sys.exit(use(sys.argv[1:], prog="sample.py", description=__doc__))

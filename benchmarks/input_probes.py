@@ -43,7 +43,7 @@ def outcome(call) -> str:
 
 
 def command(*argv: str) -> str:
-    from scatgen.commands import main
+    from scatgen.cli import use as main
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):

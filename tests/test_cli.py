@@ -78,7 +78,7 @@ def test_user_images_get_the_datasets_crop(tmp_path):
     """A CelebA-64 model crops a user's file at 140 px, as its dataset does, not at the shorter side."""
     from PIL import Image
 
-    from scatgen.commands import user_image
+    from scatgen.cli import user_image
     from scatgen.config import DataConfig
     from scatgen.data import load_image
 

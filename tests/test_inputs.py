@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import scatgen
-import scatgen.commands as commands
+import scatgen.cli as commands
 from conftest import ROOT, as_args, run_script, tiny_overrides
 from scatgen.checks import ImageRangeWarning
 from scatgen.config import YAML_MAX_VALUES, load_config
@@ -41,7 +41,7 @@ def images(pipe):
 def cli(capsys, *argv):
     """Run a sample.py command in this process: (exit status, stderr)."""
     try:
-        status = commands.main(list(argv), prog="sample.py")
+        status = commands.use(list(argv), prog="sample.py")
     except SystemExit as e:  # argparse
         status = e.code
     return status, capsys.readouterr().err

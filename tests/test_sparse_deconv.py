@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scatgen.commands import atoms_grid, per_scale_psnr, sparsity_statistics
+from scatgen.cli import atoms_grid, per_scale_psnr, sparsity_statistics
 from scatgen.generators import build_generator, generator_config_class
 from scatgen.generators.sparse_deconv import LowpassPyramid, SparseDeconvConfig, SparseDeconvGenerator, upsample2
 

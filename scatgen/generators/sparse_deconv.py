@@ -36,7 +36,7 @@ every 2^j pixels, (B, 3, N/2^j, N/2^j), is the low-pass image at scale 2^j.
    that constant at every scale; the filters are non-persistent buffers.
 
 The measurements behind these defaults are in benchmarks/README.md ("Sparse deconvolution:
-notes moved from the code"); `scatgen.commands` reports a trained model's atoms and sparsity.
+notes moved from the code"); `scatgen.cli` (the atoms command) reports a trained model's atoms and sparsity.
 """
 
 from __future__ import annotations
