@@ -23,9 +23,8 @@ class StepRate:
 
     `collapsed()` flags, once, a window at least SLOWDOWN times slower than the fastest one seen
     after the first (which holds the warm-up). A step's work is fixed, so its time varies by a few
-    per cent; a drop of that size means something else took the processor (one busy neighbour on
-    2 cores cost 3.4–3.8× with OpenMP's default spinning, 1.6–1.7× with OMP_WAIT_POLICY=PASSIVE:
-    benchmarks/README.md, "Contention")."""
+    per cent; a drop of that size means something else took the processor (benchmarks/contention.py
+    measures how much one busy neighbour costs)."""
 
     SLOWDOWN = 3.0
 

@@ -204,10 +204,9 @@ def test_corrupt_bundle_is_an_error_naming_the_file(run_dir, tmp_path, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate-model", "not-json", "not-yaml"])
-def test_damaged_bundle_without_checksums_is_still_a_one_line_error(run_dir, tmp_path, damage):
+def test_a_bundle_written_broken_is_still_a_one_line_error(run_dir, tmp_path, damage):
     bundle = tmp_path / "model"
     shutil.copytree(run_dir / "model", bundle)
-    (bundle / "checksums.json").unlink()  # as in a bundle written before checksums
     if damage == "truncate-model":
         data = (bundle / "model.safetensors").read_bytes()
         (bundle / "model.safetensors").write_bytes(data[: len(data) // 2])
@@ -218,7 +217,17 @@ def test_damaged_bundle_without_checksums_is_still_a_one_line_error(run_dir, tmp
     else:
         (bundle / "config.yaml").write_text("data: [unclosed\n")
         pattern = "config.yaml' is not valid YAML"
+    write_manifest(bundle)  # checksums of the broken files: as if the bundle had been written broken
     with pytest.raises(ValueError, match=pattern):
+        load_bundle(bundle)
+
+
+@pytest.mark.slow
+def test_a_bundle_without_its_checksums_is_refused(run_dir, tmp_path):
+    bundle = tmp_path / "model"
+    shutil.copytree(run_dir / "model", bundle)
+    (bundle / "checksums.json").unlink()  # the manifest is written last: without it the bundle is incomplete
+    with pytest.raises(CorruptFileError, match="has no checksums.json: it was not completely written"):
         load_bundle(bundle)
 
 

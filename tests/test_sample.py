@@ -8,7 +8,7 @@ from PIL import Image
 
 import scatgen
 from conftest import run_script
-from scatgen import metrics
+from scatgen import inception
 from scatgen.evaluation import evaluate, markdown_table
 
 # Every test here reads the session's trained run (conftest.run_dir), which a first test waits for.
@@ -142,11 +142,11 @@ def test_evaluate_subcommand_writes_json_and_markdown(run_dir, tmp_path):
 
 
 def test_evaluate_without_inception_weights_skips_fid_and_says_why(run_dir, monkeypatch):
-    monkeypatch.setattr(metrics, "_find_wheel_weights", lambda: None)  # as without scatgen[metrics]
+    monkeypatch.setattr(inception, "_find_wheel_weights", lambda: None)  # as without scatgen[metrics]
     report = evaluate(scatgen.load(run_dir), num_train=8, num_fid=8, num_memorisation=4, progress=False,
                       refine=0, priors=["normal"])
-    assert report["fid"] == {"skipped": metrics.INCEPTION_UNAVAILABLE_MSG}
-    assert f"FID, KID, precision and recall: {metrics.INCEPTION_UNAVAILABLE_MSG}" in markdown_table(report)
+    assert report["fid"] == {"skipped": inception.INCEPTION_UNAVAILABLE_MSG}
+    assert f"FID, KID, precision and recall: {inception.INCEPTION_UNAVAILABLE_MSG}" in markdown_table(report)
     assert report["test_reconstruction_raw_first_n"]["n"] == 8  # the rest of the protocol still ran
 
 
