@@ -30,6 +30,7 @@ import json
 import math
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -373,25 +374,23 @@ def device_arg(text: str) -> str:
     return text
 
 
-def positive_float(text: str) -> float:
+def number_arg(text: str, ok: Callable[[float], bool], expected: str) -> float:
+    """`text` as a float that passes `ok`, else argparse's error naming `expected`."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got '{text}'") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got '{text}'") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
     return value
+
+
+def positive_float(text: str) -> float:
+    return number_arg(text, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 
 
 def unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got '{text}'") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] (0 = the image itself, 1 = a fresh "
-                                         f"sample), got {text}")
-    return value
+    return number_arg(text, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 COMMANDS = {"sample": cmd_sample, "interpolate": cmd_interpolate, "vary": cmd_vary, "reconstruct": cmd_reconstruct,
