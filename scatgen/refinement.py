@@ -35,7 +35,8 @@ def _batches(*tensors: torch.Tensor, size: int):
     pairs = list(zip(*(t.split(size) for t in tensors)))
     return progress_bar(pairs, desc="refining", unit="batch", leave=False, delay=PROGRESS_DELAY_S)
 
-Objective = Callable[[torch.Tensor], torch.Tensor]  # coeffs (B, D) → per-image energy (B,)
+# (coeffs of the images idx (n, D), idx (n,) positions in the batch, or None for all) → energy (n,)
+Objective = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def total_variation(images: torch.Tensor) -> torch.Tensor:
@@ -47,7 +48,7 @@ def total_variation(images: torch.Tensor) -> torch.Tensor:
 
 def image_objective(target_coeffs: torch.Tensor) -> Objective:
     """E(x) = ‖S_J x − S_J x_t‖² for targets (B, D)."""
-    return lambda coeffs: (coeffs - target_coeffs).square().sum(1)
+    return lambda coeffs, idx=None: (coeffs - _rows(target_coeffs, idx)).square().sum(1)
 
 
 def code_objective(whitening: Whitening, codes: torch.Tensor, start_coeffs: torch.Tensor,
@@ -64,16 +65,20 @@ def code_objective(whitening: Whitening, codes: torch.Tensor, start_coeffs: torc
     start_centred = start_coeffs - mu
     start_residual = start_centred - (start_centred @ U) @ U.T
 
-    def energy(coeffs: torch.Tensor) -> torch.Tensor:
+    def energy(coeffs: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         centred = coeffs - mu
         pca = centred @ U
-        e = ((pca - target).square() * weights).sum(1)
+        e = ((pca - _rows(target, idx)).square() * weights).sum(1)
         if anchor > 0:
             residual = centred - pca @ U.T
-            e = e + anchor * (residual - start_residual).square().sum(1)
+            e = e + anchor * (residual - _rows(start_residual, idx)).square().sum(1)
         return e
 
     return energy
+
+
+def _rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    return t if idx is None else t[idx]
 
 
 def _per_image(t: torch.Tensor) -> torch.Tensor:
@@ -88,21 +93,23 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def lbfgs(x: torch.Tensor, energy_and_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+def lbfgs(x: torch.Tensor, energy_and_grad: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
           evaluations: int, history: int = 10, armijo: float = 1e-4,
           on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """L-BFGS on every image of the batch separately (its own curvature pairs and line search),
-    so that an image's result never depends on the others in its batch.
+    """L-BFGS on every image of the batch separately (its own curvature pairs, line search and
+    budget of evaluations), so that an image's result never depends on the others in its batch.
 
-    x (B, ...) → x after at most `evaluations` calls of energy_and_grad(x) → ((B,), (B, ...)).
-    Line search: Armijo backtracking from the unit step, halving; the first step is scaled by
-    1/‖g‖₁ (as torch.optim.LBFGS does), later ones by sᵀy/yᵀy.
+    x (B, ...) → x after at most `evaluations` calls of energy_and_grad per image, where
+    energy_and_grad(x[idx], idx) → ((n,), (n, ...)) evaluates the images idx. Only the images
+    still searching are evaluated: one that has taken its step waits, at no cost to its budget,
+    while the others backtrack. Line search: Armijo backtracking from the unit step, halving; the
+    first step is scaled by 1/‖g‖₁ (as torch.optim.LBFGS does), later ones by sᵀy/yᵀy.
     """
-    f, g = energy_and_grad(x)
-    calls = 1
+    f, g = energy_and_grad(x, torch.arange(len(x), device=x.device))
+    calls = torch.ones(len(x), dtype=torch.long, device=x.device)
     pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (s, y, 1/sᵀy or 0 where unusable)
     gamma = 1.0 / _per_image(g).abs().sum(1).clamp_min(1e-12)
-    while calls < evaluations:
+    while (active := calls < evaluations).any():
         # Two-loop recursion: d = −H g with H the L-BFGS inverse-Hessian estimate of each image.
         q = g.clone()
         alphas = []
@@ -122,16 +129,20 @@ def lbfgs(x: torch.Tensor, energy_and_grad: Callable[[torch.Tensor], tuple[torch
         step = torch.ones_like(f)
         accepted = torch.zeros_like(f, dtype=torch.bool)
         x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
-        while calls < evaluations and not accepted.all():
-            trial = x + _bcast(step, x) * d
-            f_trial, g_trial = energy_and_grad(trial)
-            calls += 1
-            ok = ~accepted & torch.isfinite(f_trial) & (f_trial <= f + armijo * step * slope)
-            x_new[ok], f_new[ok], g_new[ok] = trial[ok], f_trial[ok], g_trial[ok]
-            accepted |= ok
-            step = torch.where(accepted, step, step / 2)
+        searching = active
+        while searching.any():
+            idx = searching.nonzero().squeeze(1)
+            trial = x[idx] + _bcast(step[idx], d[idx]) * d[idx]
+            f_trial, g_trial = energy_and_grad(trial, idx)
+            calls[idx] += 1
+            ok = torch.isfinite(f_trial) & (f_trial <= f[idx] + armijo * step[idx] * slope[idx])
+            took = idx[ok]
+            x_new[took], f_new[took], g_new[took] = trial[ok], f_trial[ok], g_trial[ok]
+            accepted[took] = True
+            step[idx[~ok]] /= 2
+            searching = active & ~accepted & (calls < evaluations)
             if on_step is not None:
-                on_step(calls, x_new)
+                on_step(int(calls.max()), x_new)
         s, y = x_new - x, g_new - g
         sy, yy = _dot(s, y), _dot(y, y)
         usable = accepted & (sy > 1e-10 * yy.sqrt() * _dot(s, s).sqrt())
@@ -148,8 +159,8 @@ def descend(scattering: Scattering, start: torch.Tensor, objective: Objective, c
 
     `cfg.steps` counts gradient evaluations for both optimisers. on_step(i, x), if given,
     sees the images after i evaluations (benchmarks trace with it)."""
-    def energy(x: torch.Tensor) -> torch.Tensor:
-        e = objective(scattering(x).reshape(x.shape[0], -1))
+    def energy(x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        e = objective(scattering(x).reshape(x.shape[0], -1), idx)
         return e + cfg.tv * total_variation(x) if cfg.tv > 0 else e
 
     check_refine(cfg)
@@ -167,9 +178,9 @@ def descend(scattering: Scattering, start: torch.Tensor, objective: Objective, c
                 if on_step is not None:
                     on_step(i + 1, x.detach())
         else:  # lbfgs
-            def energy_and_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            def energy_and_grad(x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 x = x.detach().requires_grad_(True)
-                e = energy(x)
+                e = energy(x, idx)
                 (grad,) = torch.autograd.grad(e.sum(), x)
                 return e.detach(), grad
 
