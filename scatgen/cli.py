@@ -39,6 +39,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 import scatgen
+from scatgen.bundle import add_prior, find_bundle
 from scatgen.checks import check_device, check_seed
 from scatgen.config import DataConfig
 from scatgen.data import IMAGE_EXTENSIONS, effective_crop, iterate_images, load_image, load_split
@@ -60,8 +61,6 @@ SAMPLE_CHUNK = 256  # sample --individual decodes, refines and writes this many 
 
 def run_base(args) -> Path:
     """The run folder of RUN (the parent of a bundle given directly)."""
-    from scatgen.bundle import find_bundle
-
     return find_bundle(args.run).parent
 
 
@@ -90,8 +89,6 @@ def uses_scattering(pipe, args) -> bool:
 
 def check_outputs(args) -> None:
     """Every folder the command will write, proved writable before the model is even loaded."""
-    from scatgen.bundle import find_bundle
-
     bundle = find_bundle(args.run)  # first: a mistyped RUN must not leave a RUN/samples folder behind
     if args.command == "fit-prior":
         writable(bundle, "bundle folder: copy the bundle somewhere writable and pass that")
@@ -262,7 +259,6 @@ def cmd_evaluate(pipe, args) -> None:
 
 
 def cmd_fit_prior(pipe, args) -> None:
-    from scatgen.bundle import add_prior
     from scatgen.codes import encode_split
     from scatgen.prior import fit_prior
 
@@ -513,9 +509,6 @@ def train(argv: list[str], usage: str = __doc__, use_command: str = "scatgen") -
     from scatgen.checkpoints import RunDirectoryInUse
     from scatgen.config import load_config, parse_overrides
     from scatgen.training import NonFiniteLossError, Trainer, TrainingStopped
-    from scatgen.utils import describe_os_error
-
-    from scatgen.utils import one_line_warnings
 
     one_line_warnings()
     if not argv or argv[0] in ("-h", "--help"):

@@ -35,7 +35,7 @@ class Encoder:
         self.cfg = cfg
         self.device = torch.device(device)
         self.whitening = whitening.to(self.device)
-        self._scattering = scattering
+        self._scattering = None if scattering is None else scattering.to(self.device)
 
     @property
     def d(self) -> int:
@@ -43,14 +43,9 @@ class Encoder:
 
     @property
     def scattering(self) -> Scattering:
-        if self._scattering is None:
-            self._scattering = build_scattering(self.cfg)
-        return self._scattering.to(self.device)
-
-    def to(self, device: torch.device | str) -> Encoder:
-        self.device = torch.device(device)
-        self.whitening = self.whitening.to(self.device)
-        return self
+        if self._scattering is None:  # built on first use, on the encoder's device
+            self._scattering = build_scattering(self.cfg).to(self.device)
+        return self._scattering
 
     def coefficients(self, images: torch.Tensor) -> torch.Tensor:
         """S_J x flattened: (B, 3, N, N) → (B, D), on the encoder's device."""

@@ -158,7 +158,7 @@ class Trainer:
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * max(steps_per_epoch, 1)
 
         set_seed(cfg.run.seed)  # initialisation must not depend on whether the code cache was hit
-        generator = build_generator(cfg.generator, code_dim=self.encoder.whitening.d, image_size=cfg.data.image_size,
+        generator = build_generator(cfg.generator, code_dim=self.encoder.d, image_size=cfg.data.image_size,
                                     J=cfg.encoder.J, L=cfg.encoder.L)
         if t.compile:
             generator.compile()  # in place: state_dict keys, checkpoints and bundles stay as in eager mode
