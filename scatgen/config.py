@@ -97,6 +97,7 @@ class PriorConfig:
     latent: int = 32  # latent_flow: size of the autoencoder's latent that the flow models
     autoencoder_steps: int = 3000  # latent_flow: optimizer steps of the autoencoder (the flow then takes fit_steps)
     code_weighting: float = 0.25  # latent_flow: γ ≥ 0, the autoencoder's squared error weighs code component k by λ_k^γ (mean 1); 0 = plain whitened error
+    max_minutes: float = 0.0  # flow, latent_flow: wall-clock budget of the fit, shared by the stages in proportion to their steps; 0 = steps only
 
 
 @dataclass
@@ -476,6 +477,8 @@ def validate(cfg: Config) -> None:
         (p.kind != "latent_flow" or p.latent < w.d,
          f"prior.latent={p.latent} must be below whitening.d={w.d}: the latent compresses the codes"),
         (math.isfinite(p.lr) and p.lr > 0, f"prior.lr={p.lr} must be a finite number > 0"),
+        (math.isfinite(p.max_minutes) and p.max_minutes >= 0,
+         f"prior.max_minutes={p.max_minutes} must be a finite number >= 0 (0 = no time limit)"),
         (math.isfinite(p.code_weighting) and 0 <= p.code_weighting <= 2,
          f"prior.code_weighting={p.code_weighting} must be a number in [0, 2] (0 = plain whitened error)"),
         (p.dims >= 0, f"prior.dims={p.dims} must be >= 0 (0, or more than whitening.d, models all components)"),

@@ -23,13 +23,16 @@ Flows are invertible: `to_noise` carries codes to the noise the discrete sampler
 (solving each Heun step backwards), `from_noise` carries it back, and what the prior cannot
 reproduce of a code is returned as a residual, so the round trip is exact. `vary` mixes a code's
 state with fresh noise part of the way and integrates back. `temperature` scales the starting
-noise. A prior is saved as safetensors with its settings as JSON metadata; nothing is pickled.
+noise. A fit stops at its steps or at prior.max_minutes (shared by its stages in proportion to
+their steps), whichever comes first, and its learning rate decays over the same. A prior is saved
+as safetensors with its settings as JSON metadata; nothing is pickled.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -372,37 +375,68 @@ class LatentFlowPrior(FlowPrior):
         return self.decoder(state * self.latent_std + self.latent_mean)
 
 
+class StageBudget:
+    """A fit stage's budget: at most `steps` optimizer steps and, if seconds > 0, that much wall
+    time, whichever ends first. The learning rate warms up over 100 steps and then decays along a
+    cosine over the same progress, so that a fit cut by the clock still ends at a low rate."""
+
+    def __init__(self, steps: int, seconds: float = 0.0, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.steps, self.seconds, self.clock = steps, seconds, clock
+        self.start = clock()
+        self.taken = 0
+
+    def progress(self) -> float:
+        done = self.taken / self.steps
+        if self.seconds > 0:
+            done = max(done, (self.clock() - self.start) / self.seconds)
+        return done
+
+    def lr_factor(self) -> float:
+        return min(1.0, (self.taken + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(self.progress(), 1.0)))
+
+
+def stage_seconds(cfg: PriorConfig, steps: int, total_steps: int) -> float:
+    """A stage's share of cfg.max_minutes (0: no limit), in proportion to its steps."""
+    return 60 * cfg.max_minutes * steps / total_steps
+
+
+def optimise(parameters: list[nn.Parameter], loss_fn: Callable[[], torch.Tensor], cfg: PriorConfig,
+             steps: int, seconds: float, progress: bool, desc: str) -> int:
+    """AdamW on loss_fn() within StageBudget(steps, seconds) → the steps taken."""
+    opt = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=0.0)
+    budget = StageBudget(steps, seconds)
+    with progress_bar(total=steps, desc=desc, disable=not progress, leave=False) as bar:
+        while budget.progress() < 1:
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * budget.lr_factor()
+            loss = loss_fn()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the prior's loss became {loss.item()}; lower prior.lr (now {cfg.lr})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            budget.taken += 1
+            bar.update(1)
+    return budget.taken
+
+
 def train_velocity(velocity: VelocityField, data: torch.Tensor, cfg: PriorConfig, generator: torch.Generator,
-                   device: torch.device | str, progress: bool, desc: str) -> None:
+                   device: torch.device | str, progress: bool, desc: str, seconds: float = 0.0) -> int:
     """Conditional flow matching: regress v(y_t, t) on y − ε along y_t = (1 − t) ε + t y, for
-    rows y of data (n, m)."""
+    rows y of data (n, m); → the steps taken (cfg.fit_steps, or fewer when `seconds` run out)."""
     n = len(data)
-    opt = torch.optim.AdamW(velocity.parameters(), lr=cfg.lr, weight_decay=0.0)
-    schedule = cosine_schedule(opt, cfg.fit_steps)
-    velocity.train()
-    for _ in progress_bar(range(cfg.fit_steps), desc=desc, disable=not progress, leave=False):
+
+    def loss() -> torch.Tensor:
         y1 = data[torch.randint(n, (min(cfg.batch_size, n),), generator=generator)]
         y0 = torch.randn(y1.shape, generator=generator)
         t = torch.rand(len(y1), generator=generator)
         yt = (1 - t[:, None]) * y0 + t[:, None] * y1
-        loss = (velocity(yt.to(device), t.to(device)) - (y1 - y0).to(device)).square().mean()
-        step(opt, schedule, loss, cfg.lr)
+        return (velocity(yt.to(device), t.to(device)) - (y1 - y0).to(device)).square().mean()
+
+    velocity.train()
+    taken = optimise(list(velocity.parameters()), loss, cfg, cfg.fit_steps, seconds, progress, desc)
     velocity.eval()
-
-
-def cosine_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """100 steps of linear warm-up, then a cosine decay to 0 at `steps`."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-
-
-def step(opt: torch.optim.Optimizer, schedule, loss: torch.Tensor, lr: float) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"the prior's loss became {loss.item()}; lower prior.lr (now {lr})")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    schedule.step()
+    return taken
 
 
 def fit_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device: torch.device | str = "cpu",
@@ -413,8 +447,9 @@ def fit_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device: torch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         prior = FlowPrior(d, cfg.width, cfg.depth, cfg.sample_steps, min(cfg.dims, d)).to(device)
-    train_velocity(prior.velocity, prior.codes_to_state(codes.float()), cfg, generator, device, progress,
-                   "fitting flow prior")
+    taken = train_velocity(prior.velocity, prior.codes_to_state(codes.float()), cfg, generator, device, progress,
+                           "fitting flow prior", stage_seconds(cfg, cfg.fit_steps, cfg.fit_steps))
+    prior.steps_taken = {"flow": taken}
     return prior.cpu().eval()
 
 
@@ -451,26 +486,30 @@ def fit_latent_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device
         torch.manual_seed(seed)
         prior = LatentFlowPrior(d, cfg.latent, cfg.width, cfg.depth, cfg.sample_steps).to(device)
     codes = codes.float()
-    parameters = [*prior.encoder.parameters(), *prior.decoder.parameters()]
-    opt = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=0.0)
-    schedule = cosine_schedule(opt, cfg.autoencoder_steps)
-    prior.train()
-    for _ in progress_bar(range(cfg.autoencoder_steps), desc="fitting the prior's autoencoder",
-                          disable=not progress, leave=False):
+    total_steps = cfg.autoencoder_steps + cfg.fit_steps
+
+    def loss() -> torch.Tensor:
         z = codes[torch.randint(n, (min(cfg.batch_size, n),), generator=generator)].to(device)
         latent = prior.encoder(z)
         # The spread is measured on the batch and held constant: the encoder cannot escape the
         # noise by growing its latents.
         spread = latent.detach().std(0, keepdim=True).clamp_min(1e-6)
         noisy = latent + LATENT_NOISE * spread * torch.randn(latent.shape, generator=generator).to(device)
-        step(opt, schedule, ((prior.decoder(noisy) - z).square() * weights).mean(), cfg.lr)
+        return ((prior.decoder(noisy) - z).square() * weights).mean()
+
+    prior.train()
+    autoencoder_taken = optimise([*prior.encoder.parameters(), *prior.decoder.parameters()], loss, cfg,
+                                 cfg.autoencoder_steps, stage_seconds(cfg, cfg.autoencoder_steps, total_steps),
+                                 progress, "fitting the prior's autoencoder")
     prior.eval()
     with torch.no_grad():
         latents = torch.cat([prior.encoder(chunk.to(device)) for chunk in codes.split(4096)])
         prior.latent_mean.copy_(latents.mean(0))
         prior.latent_std.copy_(latents.std(0).clamp_min(1e-6))
         state = ((latents - prior.latent_mean) / prior.latent_std).cpu()
-    train_velocity(prior.velocity, state, cfg, generator, device, progress, "fitting the prior's flow")
+    flow_taken = train_velocity(prior.velocity, state, cfg, generator, device, progress, "fitting the prior's flow",
+                                stage_seconds(cfg, cfg.fit_steps, total_steps))
+    prior.steps_taken = {"autoencoder": autoencoder_taken, "flow": flow_taken}
     return prior.cpu().eval()
 
 

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -5,7 +7,7 @@ import scatgen
 from scatgen.bundle import load_bundle, save_bundle
 from scatgen.config import PriorConfig
 from scatgen.pipeline import Pipeline
-from scatgen.prior import FlowPrior, fit_gmm, fit_prior, integrate, load_prior, save_prior
+from scatgen.prior import FlowPrior, StageBudget, fit_gmm, fit_prior, integrate, load_prior, save_prior
 
 
 def two_clusters(n=2000, d=3, seed=0):
@@ -224,3 +226,32 @@ def test_code_weighting_needs_the_eigenvalues():
         fit_prior(two_clusters(n=50), cfg, eigenvalues=torch.ones(2))
     with pytest.raises(ValueError, match="positive"):
         fit_prior(two_clusters(n=50), cfg, eigenvalues=torch.tensor([1.0, 0.0, 1.0]))
+
+
+def test_stage_budget_ends_at_whichever_of_steps_and_seconds_runs_out_and_decays_with_it():
+    now = [0.0]
+    budget = StageBudget(steps=300, seconds=10.0, clock=lambda: now[0])
+    assert budget.progress() == 0
+    budget.taken = 150  # past the 100 warm-up steps
+    now[0] = 2.0
+    assert budget.progress() == 0.5  # steps bind
+    now[0] = 8.0
+    assert budget.progress() == 0.8  # the clock binds
+    assert budget.lr_factor() == pytest.approx(0.5 * (1 + math.cos(0.8 * math.pi)))
+    now[0] = 12.0
+    assert budget.progress() > 1 and budget.lr_factor() == 0
+    steps_only = StageBudget(steps=100, clock=lambda: now[0] * 1e6)
+    steps_only.taken = 99
+    assert steps_only.progress() == 0.99
+
+
+@pytest.mark.parametrize("kind", ["flow", "latent_flow"])
+def test_prior_fit_stops_at_its_time_budget_and_reports_its_steps(kind):
+    common = dict(kind=kind, width=8, depth=1, sample_steps=2, latent=2, code_weighting=0)
+    exact = fit_prior(two_clusters(n=100), PriorConfig(fit_steps=7, autoencoder_steps=5, **common))
+    assert exact.steps_taken == ({"flow": 7} if kind == "flow" else {"autoencoder": 5, "flow": 7})
+    # A budget of 6 ms cannot hold a million steps: the clock ends each stage.
+    timed = fit_prior(two_clusters(n=100), PriorConfig(fit_steps=10**6, autoencoder_steps=10**6, max_minutes=1e-4,
+                                                       **common))
+    assert all(taken < 10**6 for taken in timed.steps_taken.values()), timed.steps_taken
+    assert torch.isfinite(timed.sample(4, seed=0)).all()
