@@ -3,6 +3,8 @@
     python benchmarks/priors.py runs/polygons                      # N=500, the bundle's priors
     python benchmarks/priors.py runs/polygons --fit flow latent_flow --n 200
     python benchmarks/priors.py runs/polygons --fit latent_flow --set prior.latent=16 --set prior.fit_steps=8000
+    python benchmarks/priors.py runs/polygons --fit latent_flow --codes 40000 --n 200   # more codes (polygons)
+    python benchmarks/priors.py runs/polygons --set refine.tv=0.02 --n 200              # another refinement
 
 Rows, all on the first N test images and Inception pool features (k=3 for precision/recall):
   ceiling          test codes decoded and refined towards all d components: what a perfect prior gives
@@ -16,7 +18,9 @@ nearest train image over that of the ceiling images (made the same way), and the
 samples closer to the train set than 99% of the ceiling images are (near-copies).
 
 --fit fits priors on the run's train codes (timed) and adds them to the bundle; without it the
-bundle's priors are measured. Prints the table with the machine; writes RUN/priors.json.
+bundle's priors are measured. --codes N fits them on the first N train images' codes instead (for
+polygons, N may exceed the run's data.num_train: the images are drawn on the fly). --set takes
+prior.* (for --fit) and refine.* overrides (for every row, the ceiling's too). Prints the table with the machine; writes RUN/priors.json.
 """
 
 import argparse
@@ -34,7 +38,7 @@ import scatgen  # noqa: E402
 from scatgen.bundle import add_prior, find_bundle  # noqa: E402
 from scatgen.codes import encode_split  # noqa: E402
 from scatgen.config import with_overrides  # noqa: E402
-from scatgen.data import load_split  # noqa: E402
+from scatgen.data import build_dataset, iterate_images, load_split  # noqa: E402
 from scatgen.evaluation import _stack, _timed as timed, cpu_or_gpu_name  # noqa: E402
 from scatgen.inception import compute_features, load_inception  # noqa: E402
 from scatgen.metrics import fid_from_features, memorisation_report, precision_recall  # noqa: E402
@@ -47,7 +51,8 @@ def main() -> None:
     parser.add_argument("run")
     parser.add_argument("--n", type=int, default=500, help="test images, samples and midpoints per row")
     parser.add_argument("--fit", nargs="*", default=[], choices=PRIOR_KINDS[1:], help="priors to fit first")
-    parser.add_argument("--set", action="append", default=[], help="prior config override, e.g. prior.latent=16")
+    parser.add_argument("--set", action="append", default=[], help="prior.* or refine.* override, e.g. prior.latent=16")
+    parser.add_argument("--codes", type=int, default=0, help="fit on the first N train images' codes (0: the run's)")
     parser.add_argument("--priors", nargs="*", help="priors to measure (default: every one in the bundle)")
     parser.add_argument("--no-interpolation", action="store_true", help="skip the midpoint rows")
     parser.add_argument("--refine", type=int, default=None, help="refinement steps (default: the bundle's)")
@@ -57,10 +62,15 @@ def main() -> None:
     start = time.perf_counter()
 
     pipe = scatgen.load(args.run)
+    overrides = dict(s.split("=", 1) for s in args.set)
     fit_seconds = {}
     if args.fit:
-        cfg = with_overrides(pipe.cfg, dict(s.split("=", 1) for s in args.set))
-        codes = encode_split(pipe.cfg, "train", pipe.encoder).codes
+        cfg = with_overrides(pipe.cfg, overrides)
+        if args.codes:
+            dataset = build_dataset(replace(pipe.cfg.data, num_train=args.codes), "train")
+            codes = torch.cat([pipe.encode(batch) for batch in iterate_images(dataset, 1000, "encoding", True)])
+        else:
+            codes = encode_split(pipe.cfg, "train", pipe.encoder).codes
         for kind in args.fit:
             tic = time.perf_counter()
             prior = fit_prior(codes, replace(cfg.prior, kind=kind), seed=pipe.cfg.run.seed, progress=True,
@@ -68,6 +78,7 @@ def main() -> None:
             fit_seconds[kind] = time.perf_counter() - tic
             add_prior(args.run, prior)
         pipe = scatgen.load(args.run)
+    pipe.cfg = with_overrides(pipe.cfg, {k: v for k, v in overrides.items() if k.startswith("refine.")})
     kinds = args.priors if args.priors is not None else [k for k in pipe.priors if k != "normal"] + ["normal"]
 
     net = load_inception(args.inception)
@@ -125,7 +136,8 @@ def main() -> None:
 
     report = {"run": args.run, "n": n, "machine": cpu_or_gpu_name(pipe.device), "fit_seconds": fit_seconds,
               "settings": {k: pipe.priors[k].settings() for k in kinds}, "rows": rows,
-              "refine_steps": pipe.refine_settings(args.refine).steps, "seconds": time.perf_counter() - start}
+              "refine_steps": pipe.refine_settings(args.refine).steps,
+              "overrides": overrides, "codes": args.codes or None, "seconds": time.perf_counter() - start}
     (find_bundle(args.run).parent / "priors.json").write_text(json.dumps(report, indent=2))
     print(f"\nmachine: {report['machine']}; N={n}, Inception k=3; refine {report['refine_steps']} steps; "
           f"fit seconds {json.dumps({k: round(v) for k, v in fit_seconds.items()})}; total {report['seconds']:.0f} s")

@@ -417,6 +417,8 @@ def optimise(parameters: list[nn.Parameter], loss_fn: Callable[[], torch.Tensor]
             opt.step()
             budget.taken += 1
             bar.update(1)
+            if seconds > 0 and budget.taken % 100 == 0:  # the clock, not the step bound, usually ends the fit
+                bar.set_postfix(min=f"{(budget.clock() - budget.start) / 60:.1f}/{seconds / 60:.1f}", refresh=False)
     return budget.taken
 
 
