@@ -38,7 +38,7 @@ import scatgen  # noqa: E402
 from scatgen.bundle import add_prior, find_bundle  # noqa: E402
 from scatgen.codes import encode_split  # noqa: E402
 from scatgen.config import with_overrides  # noqa: E402
-from scatgen.data import build_dataset, iterate_images, load_split  # noqa: E402
+from scatgen.data import load_split  # noqa: E402
 from scatgen.evaluation import _stack, _timed as timed, cpu_or_gpu_name  # noqa: E402
 from scatgen.inception import compute_features, load_inception  # noqa: E402
 from scatgen.metrics import fid_from_features, memorisation_report, precision_recall  # noqa: E402
@@ -66,11 +66,8 @@ def main() -> None:
     fit_seconds = {}
     if args.fit:
         cfg = with_overrides(pipe.cfg, overrides)
-        if args.codes:
-            dataset = build_dataset(replace(pipe.cfg.data, num_train=args.codes), "train")
-            codes = torch.cat([pipe.encode(batch) for batch in iterate_images(dataset, 1000, "encoding", True)])
-        else:
-            codes = encode_split(pipe.cfg, "train", pipe.encoder).codes
+        source = replace(pipe.cfg, data=replace(pipe.cfg.data, num_train=args.codes)) if args.codes else pipe.cfg
+        codes = encode_split(source, "train", pipe.encoder).codes
         for kind in args.fit:
             tic = time.perf_counter()
             prior = fit_prior(codes, replace(cfg.prior, kind=kind), seed=pipe.cfg.run.seed, progress=True,

@@ -34,7 +34,7 @@ def finish_run(cfg: Config, paths: RunPaths, generator: Generator, encoder: Enco
     tic = time.time()
     prior = fit_run_prior(cfg, train_codes, encoder, progress)
     metrics = dict(metrics, prior_seconds=time.time() - tic)
-    if prior is not None and hasattr(prior, "steps_taken"):
+    if prior is not None and prior.steps_taken:
         metrics["prior_steps"] = prior.steps_taken
     priors = {} if prior is None else {prior.kind: prior}
     save_bundle(paths.model, generator, encoder.whitening, cfg, priors=list(priors.values()))

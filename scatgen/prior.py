@@ -56,6 +56,7 @@ class CodePrior(nn.Module):
 
     def __init__(self, d: int, dims: int = 0) -> None:
         super().__init__()
+        self.steps_taken: dict[str, int] = {}  # optimizer steps of each stage of the fit that made it (not saved)
         if not 0 <= dims <= d:
             raise ValueError(f"prior.dims={dims} must be between 0 (all) and the code size d={d}")
         self.d = d
@@ -385,10 +386,13 @@ class StageBudget:
         self.start = clock()
         self.taken = 0
 
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
     def progress(self) -> float:
         done = self.taken / self.steps
         if self.seconds > 0:
-            done = max(done, (self.clock() - self.start) / self.seconds)
+            done = max(done, self.elapsed() / self.seconds)
         return done
 
     def lr_factor(self) -> float:
@@ -418,7 +422,7 @@ def optimise(parameters: list[nn.Parameter], loss_fn: Callable[[], torch.Tensor]
             budget.taken += 1
             bar.update(1)
             if seconds > 0 and budget.taken % 100 == 0:  # the clock, not the step bound, usually ends the fit
-                bar.set_postfix(min=f"{(budget.clock() - budget.start) / 60:.1f}/{seconds / 60:.1f}", refresh=False)
+                bar.set_postfix(min=f"{budget.elapsed() / 60:.1f}/{seconds / 60:.1f}", refresh=False)
     return budget.taken
 
 
