@@ -108,6 +108,7 @@ class RefineConfig:
     weighting: float = 0.5  # α: code objective weighs PCA coordinate k by λ_k^-α; 0 = PCA, 1 = whitened
     anchor: float = 1.0  # β: keeps the D − d coefficients a code does not fix near G's; 0 = free
     tv: float = 0.0  # total-variation weight against artefacts
+    balance: float = 0.5  # reconstructions weigh order m by (E_0/E_m)^balance, E_m the target's order-m energy; 0 = plain
     batch_size: int = 64  # images refined at once (results do not depend on it)
 
 
@@ -413,8 +414,8 @@ def check_refine(r: RefineConfig) -> None:
          f"refine.optimizer must be one of {', '.join(CHOICES['refine.optimizer'])}, got {short_repr(r.optimizer)}"),
         (r.steps >= 0, f"refine.steps={r.steps} must be >= 0 (0 turns refinement off)"),
         (r.batch_size > 0, f"refine.batch_size={r.batch_size} must be > 0"),
-        (all(math.isfinite(v) and v >= 0 for v in (r.lr, r.weighting, r.anchor, r.tv)) and r.lr > 0,
-         "refine.lr must be > 0, and refine.weighting, anchor and tv >= 0 (all finite)"),
+        (all(math.isfinite(v) and v >= 0 for v in (r.lr, r.weighting, r.anchor, r.tv, r.balance)) and r.lr > 0,
+         "refine.lr must be > 0, and refine.weighting, anchor, tv and balance >= 0 (all finite)"),
     ]
     for ok, message in checks:
         if not ok:

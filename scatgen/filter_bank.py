@@ -18,6 +18,7 @@ from scatgen.utils import atomic_path, cache_key
 
 __all__ = [
     "scattering_channels",
+    "channel_orders",
     "compute_padding",
     "filter_bank_key",
     "build_filter_bank",
@@ -30,6 +31,11 @@ _CACHE_FORMAT = "kymatio-0.3-morlet2d-v1"
 def scattering_channels(J: int, L: int) -> int:
     """K = 1 + J·L + L²·J(J−1)/2 channels per input map (order 0, 1, 2)."""
     return 1 + J * L + L * L * J * (J - 1) // 2
+
+
+def channel_orders(J: int, L: int) -> torch.Tensor:
+    """The scattering order (0, 1 or 2) of each of the K channels, in kymatio's channel order."""
+    return torch.tensor([0] + [1] * (J * L) + [2] * (L * L * J * (J - 1) // 2))
 
 
 def compute_padding(M: int, N: int, J: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:

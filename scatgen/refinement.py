@@ -4,14 +4,16 @@ G is a regression, so G(z) is close to a conditional mean, blurry wherever S_J l
 image undetermined. Refinement is Mallat's microcanonical step started from G's guess
 instead of white noise: it moves x₀ = G(z) until S_J x matches a target.
 
-    from an image x_t (all D coefficients known):
-        E(x) = ‖S_J x − S_J x_t‖²
+    from an image x_t (all D coefficients known), with E_m the mean square of x_t's order-m coefficients:
+        E(x) = Σ_m (E_0 / E_m)^b ‖(S_J x − S_J x_t)_m‖²
     from a code z (only the d whitened coordinates known), with U, Λ, μ the whitening's:
         E(x) = Σ_k λ_k^(−α) (u_kᵀ(S_J x − μ) − λ_k^(1/2) z_k)²  +  β ‖(I − UUᵀ)(S_J x − S_J x₀)‖²
 
 α = 0 compares PCA coordinates, α = 1 whitened ones. The β term ("anchor") holds the
 D − d coefficients that the code does not fix where G put them; without it they drift into
-streaks. Every image has its own objective and, with L-BFGS, its own line search, so a batch
+streaks. The order weights ("balance" b) keep the minimiser, x_t, and only change the
+conditioning: unweighted, the order-0 coefficients, hundreds of times larger, set the curvature,
+and the mid frequencies that orders 1 and 2 carry converge slowly. Every image has its own objective and, with L-BFGS, its own line search, so a batch
 is refined at once and no result depends on its batch. Pixels end in [−1, 1].
 """
 
@@ -23,6 +25,7 @@ import torch
 
 from scatgen.config import RefineConfig, check_refine
 from scatgen.encoder import Encoder
+from scatgen.filter_bank import channel_orders
 from scatgen.scattering import Scattering
 from scatgen.utils import progress_bar
 from scatgen.whitening import Whitening
@@ -46,9 +49,28 @@ def total_variation(images: torch.Tensor) -> torch.Tensor:
     return dh + dw
 
 
-def image_objective(target_coeffs: torch.Tensor) -> Objective:
-    """E(x) = ‖S_J x − S_J x_t‖² for targets (B, D)."""
-    return lambda coeffs, idx=None: (coeffs - _rows(target_coeffs, idx)).square().sum(1)
+def image_objective(target_coeffs: torch.Tensor, weights: torch.Tensor | None = None) -> Objective:
+    """E(x) = Σ w (S_J x − S_J x_t)² for targets (B, D) and weights (B, D) (None: all 1)."""
+    if weights is None:
+        return lambda coeffs, idx=None: (coeffs - _rows(target_coeffs, idx)).square().sum(1)
+    return lambda coeffs, idx=None: ((coeffs - _rows(target_coeffs, idx)).square() * _rows(weights, idx)).sum(1)
+
+
+def order_balance(scattering: Scattering, target_coeffs: torch.Tensor, balance: float) -> torch.Tensor | None:
+    """Weights (B, D) of each image's coefficients: (E_0 / E_m)^balance for order m, with E_m the
+    mean square of that image's own order-m target coefficients (so no image depends on its
+    batch). None for balance 0. An order with no energy (a flat image) gets E_m = 10⁻⁶ E_0."""
+    if balance == 0:
+        return None
+    K, (_, h, w) = scattering.K, scattering.out_shape
+    C = target_coeffs.shape[1] // (K * h * w)
+    orders = channel_orders(scattering.J, scattering.L).to(target_coeffs.device)
+    per_channel = target_coeffs.reshape(len(target_coeffs), C, K, h * w).square()
+    energy = torch.stack([per_channel[:, :, orders == m].mean((1, 2, 3)) for m in range(3)], 1)  # (B, 3)
+    e0 = energy[:, :1]
+    ratio = torch.where(e0 > 0, e0 / energy.clamp_min(1e-6 * e0), torch.ones_like(energy))
+    weights = ratio.pow(balance)[:, orders]  # (B, K)
+    return weights[:, None, :, None].expand(-1, C, -1, h * w).reshape(target_coeffs.shape)
 
 
 def code_objective(whitening: Whitening, codes: torch.Tensor, start_coeffs: torch.Tensor,
@@ -204,7 +226,8 @@ def refine_reconstructions(scattering: Scattering, start: torch.Tensor, images: 
         x0, xt = x0.to(device), xt.to(device)
         with torch.no_grad():
             target = scattering(xt.float()).reshape(len(xt), -1)
-        out.append(descend(scattering, x0, image_objective(target), cfg).cpu())
+        weights = order_balance(scattering, target, cfg.balance)
+        out.append(descend(scattering, x0, image_objective(target, weights), cfg).cpu())
     return torch.cat(out)
 
 
