@@ -108,7 +108,7 @@ class RefineConfig:
     weighting: float = 0.5  # α: code objective weighs PCA coordinate k by λ_k^-α; 0 = PCA, 1 = whitened
     anchor: float = 1.0  # β: keeps the D − d coefficients a code does not fix near G's; 0 = free
     tv: float = 0.0  # total-variation weight against artefacts
-    balance: float = 0.5  # reconstructions weigh order m by (E_0/E_m)^balance, E_m the target's order-m energy; 0 = plain
+    balance: float = 0.5  # reconstructions weigh scattering order m by (E_0/E_m)^balance (E_m: its energy); 0 = plain
     batch_size: int = 64  # images refined at once (results do not depend on it)
 
 

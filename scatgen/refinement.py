@@ -4,7 +4,7 @@ G is a regression, so G(z) is close to a conditional mean, blurry wherever S_J l
 image undetermined. Refinement is Mallat's microcanonical step started from G's guess
 instead of white noise: it moves x₀ = G(z) until S_J x matches a target.
 
-    from an image x_t (all D coefficients known), with E_m the mean square of x_t's order-m coefficients:
+    from an image x_t (all D coefficients known; E_m: the mean square of its order-m ones):
         E(x) = Σ_m (E_0 / E_m)^b ‖(S_J x − S_J x_t)_m‖²
     from a code z (only the d whitened coordinates known), with U, Λ, μ the whitening's:
         E(x) = Σ_k λ_k^(−α) (u_kᵀ(S_J x − μ) − λ_k^(1/2) z_k)²  +  β ‖(I − UUᵀ)(S_J x − S_J x₀)‖²
@@ -13,8 +13,9 @@ instead of white noise: it moves x₀ = G(z) until S_J x matches a target.
 D − d coefficients that the code does not fix where G put them; without it they drift into
 streaks. The order weights ("balance" b) keep the minimiser, x_t, and only change the
 conditioning: unweighted, the order-0 coefficients, hundreds of times larger, set the curvature,
-and the mid frequencies that orders 1 and 2 carry converge slowly. Every image has its own objective and, with L-BFGS, its own line search, so a batch
-is refined at once and no result depends on its batch. Pixels end in [−1, 1].
+and the mid frequencies that orders 1 and 2 carry converge slowly. Every image has its own
+objective and, with L-BFGS, its own line search, so a batch is refined at once and no result
+depends on its batch. Pixels end in [−1, 1].
 """
 
 from __future__ import annotations
