@@ -13,7 +13,9 @@ instead of white noise: it moves x₀ = G(z) until S_J x matches a target.
 D − d coefficients that the code does not fix where G put them; without it they drift into
 streaks. The order weights ("balance" b) keep the minimiser, x_t, and only change the
 conditioning: unweighted, the order-0 coefficients, hundreds of times larger, set the curvature,
-and the mid frequencies that orders 1 and 2 carry converge slowly. Every image has its own
+and the mid frequencies that orders 1 and 2 carry converge slowly. That holds from a start with
+structure, such as a trained G's output; from a structureless one (grey, noise, an untrained G)
+the plain objective converges faster, and b = 0 is the better choice. Every image has its own
 objective and, with L-BFGS, its own line search, so a batch is refined at once and no result
 depends on its batch. Pixels end in [−1, 1].
 """

@@ -41,7 +41,9 @@ def energy(pipe, objective, x):
 @pytest.mark.slow
 def test_full_refinement_lowers_its_objective_and_raises_psnr(pipe, batch):
     images, _, start = batch
-    cfg = RefineConfig(steps=30, lr=0.01)
+    # The tiny run's G gives structureless blobs; from those the plain objective is the faster one
+    # (the order balance pays off from a trained G's output: benchmarks/README.md).
+    cfg = RefineConfig(steps=30, lr=0.01, balance=0.0)
     refined = refine_reconstructions(pipe.scattering, start, images, cfg)
     with torch.no_grad():
         objective = image_objective(pipe.scattering(images).reshape(len(images), -1))
