@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import scatgen  # noqa: E402
 from scatgen.data import load_split  # noqa: E402
-from scatgen.evaluation import _stack, cpu_or_gpu_name  # noqa: E402
+from scatgen.evaluation import _stack, _timed as timed, cpu_or_gpu_name  # noqa: E402
 from scatgen.metrics import psnr  # noqa: E402
 from scatgen.pictures import to_unit  # noqa: E402
 from scatgen.refinement import refine_decodings, refine_reconstructions  # noqa: E402
@@ -88,9 +88,8 @@ def main() -> None:
             # Balances interleaved at each step count, so that a slow spell of the VM hits all of them.
             for balance in args.balances:
                 cfg = replace(pipe.cfg.refine, steps=steps, batch_size=batch, balance=balance)
-                tic = time.perf_counter()
-                refined = refine_reconstructions(scattering, start, images, cfg)
-                seconds = (time.perf_counter() - tic) / len(images)
+                refined, seconds = timed(refine_reconstructions, scattering, start, images, cfg)
+                seconds /= len(images)
                 db = psnr(to_unit(refined), to_unit(images)).mean().item()
                 if batch == args.batch_sizes[0]:
                     curves[balance].append((steps, db, seconds))
@@ -98,9 +97,8 @@ def main() -> None:
                       f"{steps * per_call / seconds:.0%} |", flush=True)
             if args.codes:
                 cfg = replace(pipe.cfg.refine, steps=steps, batch_size=batch)
-                tic = time.perf_counter()
-                refined = refine_decodings(pipe.encoder, start, codes, cfg)
-                seconds = (time.perf_counter() - tic) / len(images)
+                refined, seconds = timed(refine_decodings, pipe.encoder, start, codes, cfg)
+                seconds /= len(images)
                 print(f"| code | – | {batch} | {steps} | {psnr(to_unit(refined), to_unit(images)).mean():.2f} | "
                       f"{seconds:.3f} | {steps * per_call / seconds:.0%} |", flush=True)
     print(f"\nto reach {args.bar:g} dB on test reconstructions (batch {args.batch_sizes[0]}, interpolated):")

@@ -1,17 +1,15 @@
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import scatgen
 from scatgen.data import load_split
-from scatgen.config import RefineConfig
+from scatgen.config import RefineConfig, check_refine
+from scatgen.data.polygons import PolygonDataset
 from scatgen.metrics import psnr
 from scatgen.pictures import to_unit
-from scatgen.config import check_refine
-from scatgen.data.polygons import render_polygon
 from scatgen.filter_bank import channel_orders
 from scatgen.refinement import (
     code_objective, descend, image_objective, order_balance, refine_decodings, refine_reconstructions,
@@ -90,8 +88,8 @@ def test_anchor_holds_the_coefficients_the_code_does_not_fix(pipe, batch):
 def polygons():
     """8 polygons at 32², a blurred copy of each as the start, and their scattering (J=3, L=4)."""
     scattering = Scattering(3, 32, 4)
-    images = torch.stack([torch.from_numpy(np.asarray(render_polygon(0, i, 32), dtype=np.float32) / 127.5 - 1)
-                          .permute(2, 0, 1) for i in range(8)])
+    polygons = PolygonDataset("train", image_size=32, seed=0, length=8)
+    images = torch.stack([polygons[i] for i in range(8)])
     blurred = nn.functional.avg_pool2d(nn.functional.pad(images, (1, 1, 1, 1), mode="reflect"), 3, 1)
     with torch.no_grad():
         target = scattering(images).reshape(len(images), -1)
