@@ -33,7 +33,7 @@ RESUMABLE = (
     "train.eval_every", "train.eval_images", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.grid_size", "train.num_workers", "train.mixed_precision", "train.compile", "encoder.compile",
     "encoder.batch_size", "data.cache_images",
-    "run.out_dir", "run.cache_dir", "run.resume", "run.overwrite",
+    "run.out_dir", "run.cache_dir", "run.resume", "run.overwrite", "run.max_minutes",
 )
 RESUMABLE_SECTIONS = ("prior", "refine")
 

@@ -116,13 +116,14 @@ def check_seed(seed: Any) -> int:
     return number
 
 
-def positive_number(value: Any, name: str) -> float:
-    """A finite real number > 0 (temperature and the like)."""
+def positive_number(value: Any, name: str, zero: bool = False) -> float:
+    """A finite real number > 0 (temperature and the like), or >= 0 with `zero`."""
+    bound = ">= 0" if zero else "> 0"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number > 0, got {short_repr(value)}")
+        raise TypeError(f"{name} must be a number {bound}, got {short_repr(value)}")
     number = float(value)
-    if not (math.isfinite(number) and number > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {number}")
+    if not (math.isfinite(number) and (number > 0 or zero and number == 0)):
+        raise ValueError(f"{name} must be a finite number {bound}, got {number}")
     return number
 
 

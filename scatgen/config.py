@@ -107,7 +107,8 @@ class RefineConfig:
     lr: float = 0.01  # adam only: step size, in pixels of [-1, 1]
     weighting: float = 0.5  # α: code objective weighs PCA coordinate k by λ_k^-α; 0 = PCA, 1 = whitened
     anchor: float = 1.0  # β: keeps the D − d coefficients a code does not fix near G's; 0 = free
-    tv: float = 0.0  # total-variation weight against artefacts
+    tv: float = 0.0  # total-variation weight against artefacts, for codes of images (test codes, reconstructions)
+    sample_tv: float = 0.0  # the same for codes a prior drew (samples, variations, interpolation paths)
     balance: float = 0.5  # reconstructions weigh scattering order m by (E_0/E_m)^balance (E_m: its energy); 0 = plain
     batch_size: int = 64  # images refined at once (results do not depend on it)
 
@@ -119,6 +120,7 @@ class RunConfig:
     seed: int = 0  # global seed: data order, initialisation, noise
     resume: str = ""  # "" | latest | path to a checkpoint folder
     overwrite: bool = False  # start afresh in an out_dir that holds another run's checkpoints or bundle (deletes them)
+    max_minutes: float = 0.0  # the whole run's wall-clock budget; the prior's fit gets what G and the pictures leave; 0 = off
 
 
 @dataclass
@@ -414,8 +416,8 @@ def check_refine(r: RefineConfig) -> None:
          f"refine.optimizer must be one of {', '.join(CHOICES['refine.optimizer'])}, got {short_repr(r.optimizer)}"),
         (r.steps >= 0, f"refine.steps={r.steps} must be >= 0 (0 turns refinement off)"),
         (r.batch_size > 0, f"refine.batch_size={r.batch_size} must be > 0"),
-        (all(math.isfinite(v) and v >= 0 for v in (r.lr, r.weighting, r.anchor, r.tv, r.balance)) and r.lr > 0,
-         "refine.lr must be > 0, and refine.weighting, anchor, tv and balance >= 0 (all finite)"),
+        (all(math.isfinite(v) and v >= 0 for v in (r.lr, r.weighting, r.anchor, r.tv, r.sample_tv, r.balance))
+         and r.lr > 0, "refine.lr must be > 0, and refine.weighting, anchor, tv, sample_tv and balance >= 0 (all finite)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -483,6 +485,11 @@ def validate(cfg: Config) -> None:
         (math.isfinite(p.code_weighting) and 0 <= p.code_weighting <= 2,
          f"prior.code_weighting={p.code_weighting} must be a number in [0, 2] (0 = plain whitened error)"),
         (p.dims >= 0, f"prior.dims={p.dims} must be >= 0 (0, or more than whitening.d, models all components)"),
+        (math.isfinite(cfg.run.max_minutes) and cfg.run.max_minutes >= 0,
+         f"run.max_minutes={cfg.run.max_minutes} must be a finite number >= 0 (0 = no run budget)"),
+        (cfg.run.max_minutes == 0 or t.max_minutes == 0 or cfg.run.max_minutes > t.max_minutes,
+         f"run.max_minutes={cfg.run.max_minutes} must exceed train.max_minutes={t.max_minutes}, G's share of it, "
+         f"to leave time for the prior and the pictures"),
         (cfg.run.resume in ("", "latest") or Path(cfg.run.resume).exists(),
          f"run.resume='{cfg.run.resume}': expected '', 'latest' or an existing checkpoint folder"),
     ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -144,8 +145,9 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
         codes = sample_codes[kind] = pipe.random_codes(n, seed=seed + 1, prior=kind)
         samples[kind] = {"raw": pipe.decode(codes, refine=0)}
         if refine_cfg.steps > 0:
-            samples[kind]["refined"], spent = _timed(refine_decodings, pipe.encoder,
-                                                     samples[kind]["raw"], codes, refine_cfg, pipe.priors[kind].dims)
+            samples[kind]["refined"], spent = _timed(refine_decodings, pipe.encoder, samples[kind]["raw"], codes,
+                                                     replace(refine_cfg, tv=refine_cfg.sample_tv),
+                                                     pipe.priors[kind].dims)
             seconds["decode"] += spent
     for kind, images in recons.items():
         p, s = psnr(to_unit(images), to_unit(real)), ssim(to_unit(images), to_unit(real))
@@ -158,6 +160,7 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
     report["refinement"] = {
         "steps": refine_cfg.steps, "optimizer": refine_cfg.optimizer, "lr": refine_cfg.lr,
         "weighting": refine_cfg.weighting, "anchor": refine_cfg.anchor, "tv": refine_cfg.tv,
+        "sample_tv": refine_cfg.sample_tv,
         "seconds_per_64_reconstructions": 64 * seconds["reconstruct"] / n,
         "seconds_per_64_samples": 64 * seconds["decode"] / (n * len(priors)),
         "device": cpu_or_gpu_name(pipe.device),

@@ -17,6 +17,12 @@ if TYPE_CHECKING:
 
 MAX_PIXELS = 50_000_000  # one picture: 600 MB as float32 RGB; a bigger one is a mistake, not a picture
 
+# What a finished run draws: samples.png, then per prior a raw and a refined row; interpolation
+# strips between pairs of test codes; rows of a test image and its variations.
+SAMPLES, SAMPLES_PER_PRIOR = 64, 8
+PAIRS, PATH_POINTS = 4, 10
+VARIED, VARIATIONS = 4, 9
+
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] → [0, 1], clamped."""
@@ -102,20 +108,31 @@ def save_run_pictures(pipe: Pipeline, codes: torch.Tensor, images: torch.Tensor,
     if refining:
         rows.append(refine_reconstructions(pipe.scattering, recons, images, pipe.refine_settings()))
     save_png(enlarge(rows_grid(rows), factor), folder / "reconstructions.png")
-    save_png(enlarge(grid(pipe.sample(64, seed=seed)), factor), folder / "samples.png")
+    save_png(enlarge(grid(pipe.sample(SAMPLES, seed=seed)), factor), folder / "samples.png")
     by_prior = []
     for kind in pipe.priors:
-        by_prior += [pipe.sample(8, seed=seed + 1, prior=kind, refine=0)]
-        by_prior += [pipe.sample(8, seed=seed + 1, prior=kind)] if refining else []
+        by_prior += [pipe.sample(SAMPLES_PER_PRIOR, seed=seed + 1, prior=kind, refine=0)]
+        by_prior += [pipe.sample(SAMPLES_PER_PRIOR, seed=seed + 1, prior=kind)] if refining else []
     save_png(enlarge(grid(torch.cat(by_prior)), factor), folder / "samples-by-prior.png")
-    pairs = min(4, len(codes) // 2)
+    pairs = min(PAIRS, len(codes) // 2)
     prior = pipe.priors[pipe.default_prior]
-    path = pipe.interpolate_codes(codes[0:2 * pairs:2], codes[1:2 * pairs:2], torch.linspace(0, 1, 10),
+    path = pipe.interpolate_codes(codes[0:2 * pairs:2], codes[1:2 * pairs:2], torch.linspace(0, 1, PATH_POINTS),
                                   path="prior" if prior.invertible else "code")
-    save_png(enlarge(grid(pipe.decode(path.flatten(0, 1)), nrow=10), factor), folder / "interpolation.png")
+    drawn_tv = pipe.cfg.refine.sample_tv
+    strips = pipe.decode(path.flatten(0, 1), tv=drawn_tv)
+    save_png(enlarge(grid(strips, nrow=PATH_POINTS), factor), folder / "interpolation.png")
     if prior.invertible:
-        # Rows: a test image's decoding, then its variations at strength 0.5; one decode for all,
-        # as refinement does each image on its own whatever its batch.
-        rows = torch.cat([torch.cat([code[None], prior.vary(code[None].expand(9, -1), 0.5, seed)])
-                          for code in codes[:4]])
-        save_png(enlarge(grid(pipe.decode(rows), nrow=10), factor), folder / "variations.png")
+        # Rows: a test image's decoding, then its variations at strength 0.5 (drawn codes).
+        varied = codes[:VARIED]
+        variations = pipe.decode(torch.cat([prior.vary(code[None].expand(VARIATIONS, -1), 0.5, seed)
+                                            for code in varied]), tv=drawn_tv)
+        rows = torch.cat([pipe.decode(varied)[:, None], variations.unflatten(0, (len(varied), VARIATIONS))], 1)
+        save_png(enlarge(grid(rows.flatten(0, 1), nrow=1 + VARIATIONS), factor), folder / "variations.png")
+
+
+def refined_picture_count(num_codes: int, num_priors: int, invertible: bool) -> int:
+    """How many images save_run_pictures refines, given its test codes and the priors: what its
+    time is made of."""
+    pairs = min(PAIRS, num_codes // 2)
+    varied = min(VARIED, num_codes) * (1 + VARIATIONS) if invertible else 0
+    return num_codes + SAMPLES + SAMPLES_PER_PRIOR * num_priors + pairs * PATH_POINTS + varied

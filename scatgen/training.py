@@ -98,6 +98,7 @@ class Trainer:
     """One trainer for every generator kind; runs unchanged on CPU, one GPU or many (accelerate)."""
 
     def __init__(self, cfg: Config, progress: bool = True) -> None:
+        self.started = time.time()  # run.max_minutes counts from here
         self.cfg = cfg
         t = cfg.train
         mp = t.mixed_precision
@@ -335,6 +336,8 @@ class Trainer:
         bar = progress_bar(total=self.total_steps, initial=self.step, disable=not self.progress, desc="training",
                            unit="step", dynamic_ncols=True)
         start, paused, resumed_seconds, first_step = time.time(), 0.0, self.train_seconds, self.step
+        # A resumed run's budget counts the training minutes of its earlier invocations as spent.
+        deadline = self.started + 60 * cfg.run.max_minutes - resumed_seconds if cfg.run.max_minutes > 0 else None
         window = StepRate(self.step)
         metrics: dict[str, float] = {}
         self.model.train()
@@ -416,7 +419,7 @@ class Trainer:
                            train_minutes=self.train_seconds / 60, history=self.history)
             codes, images = first_readable(self.codesets["test"], self.test_images, 32)
             metrics = finish_run(cfg, self.paths, acc.unwrap_model(self.model), self.encoder,
-                                 self.codesets["train"].codes, codes, images, metrics, self.progress)
+                                 self.codesets["train"].codes, codes, images, metrics, self.progress, deadline)
         acc.wait_for_everyone()
         acc.end_training()
         return metrics

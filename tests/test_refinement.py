@@ -155,6 +155,30 @@ def test_tv_regulariser_smooths(pipe, batch):
 
 
 @pytest.mark.slow
+def test_drawn_codes_refine_with_sample_tv_and_image_codes_without(run_dir, batch):
+    images, codes, _ = batch
+    plain, smooth = scatgen.load(run_dir), scatgen.load(run_dir)
+    smooth.cfg = replace(smooth.cfg, refine=replace(smooth.cfg.refine, sample_tv=5.0, steps=10))
+    plain.cfg = replace(plain.cfg, refine=replace(plain.cfg.refine, sample_tv=0.0, steps=10))
+    # Samples, variations and interpolation paths take refine.sample_tv, and come out smoother.
+    for draw in (lambda p: p.sample(4, seed=3), lambda p: p.vary(codes[0], 0.5, n=3, seed=1),
+                 lambda p: p.interpolate(codes[0], codes[1], steps=3)):
+        assert total_variation(draw(smooth)).mean() < total_variation(draw(plain)).mean()
+    # An image's own code does not: decode, reconstruct and vary at strength 0 are unchanged.
+    assert torch.equal(smooth.decode(codes), plain.decode(codes))
+    assert torch.equal(smooth.reconstruct(images[:2]), plain.reconstruct(images[:2]))
+    # (within L-BFGS's amplification of batched float sums over 10 steps; TV 5 moves pixels by far more)
+    torch.testing.assert_close(smooth.vary(codes[0], 0.0, n=2), smooth.decode(codes[:1]).expand(2, -1, -1, -1),
+                               atol=1e-3, rtol=0)
+    torch.testing.assert_close(plain.decode(codes, tv=5.0), smooth.decode(codes, tv=5.0))
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="tv must be a finite number >= 0"):
+            plain.decode(codes, tv=bad)
+    with pytest.raises(ValueError, match="tv, sample_tv and balance >= 0"):
+        check_refine(RefineConfig(sample_tv=-1.0))
+
+
+@pytest.mark.slow
 def test_pipeline_refine_argument(pipe, batch):
     images, codes, start = batch
     assert torch.equal(pipe.decode(codes, refine=0), start)

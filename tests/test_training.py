@@ -245,3 +245,35 @@ def test_compiled_generator_matches_eager():
     loss_b.backward()
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_run_budget_gives_way_in_the_prior():
+    from scatgen.finish import prior_minutes
+
+    cfg = load_config(None, {"run.max_minutes": "12", "train.max_minutes": "5", "prior.max_minutes": "4"})
+    assert prior_minutes(cfg, seconds_left=600, reserve=60) == (4, "")  # on time: its own budget
+    minutes, note = prior_minutes(cfg, seconds_left=240, reserve=60)  # behind: what is left
+    assert minutes == pytest.approx(3.0) and "4.0 minutes left, 1.0 of them kept for the pictures" in note
+    minutes, note = prior_minutes(cfg, seconds_left=200, reserve=80)
+    assert minutes == pytest.approx(2.0) and "late" not in note
+    minutes, note = prior_minutes(cfg, seconds_left=30, reserve=60)  # far behind: a floor, and a warning
+    assert minutes == pytest.approx(1.0) and "about 1.5 minutes late" in note
+    steps_only = load_config(None, {"run.max_minutes": "12", "prior.max_minutes": "0"})
+    assert prior_minutes(steps_only, seconds_left=300, reserve=60)[0] == pytest.approx(4.0)
+
+
+def test_run_budget_must_leave_time_after_g():
+    with pytest.raises(ValueError, match=r"run.max_minutes=5.0 must exceed train.max_minutes=6.0"):
+        load_config(None, {"run.max_minutes": "5", "train.max_minutes": "6"})
+    with pytest.raises(ValueError, match=r"run.max_minutes=-1.0 must be a finite number >= 0"):
+        load_config(None, {"run.max_minutes": "-1"})
+
+
+@pytest.mark.slow
+def test_a_run_past_its_budget_shortens_the_prior_and_says_so(tmp_path, capsys):
+    overrides = tiny_overrides(tmp_path, run__max_minutes=1e-4, train__max_minutes=0, prior__max_minutes=2)
+    metrics = Trainer(load_config(None, overrides), progress=False).train()
+    assert metrics["prior_budget_minutes"] == pytest.approx(0.5)  # the floor: a quarter of its 2 minutes
+    assert metrics["pictures_estimate_seconds"] > 0
+    assert "the prior gets 0.5 of its 2" in capsys.readouterr().out
+    assert load_bundle(tmp_path / "run" / "model")[2].prior.max_minutes == 2  # the bundle keeps the config
