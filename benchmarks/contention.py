@@ -1,9 +1,10 @@
-"""Throughput beside one busy neighbour process, with OpenMP's default waiting (spin, then sleep)
-and with passive waiting (OMP_WAIT_POLICY=PASSIVE).
+"""Throughput beside one busy neighbour process, with OpenMP's default waiting (spin, then sleep),
+with passive waiting (OMP_WAIT_POLICY=PASSIVE), and with the thread governor of the entry points.
 
     python benchmarks/contention.py --json contention.json  # 3 variants × 3 workloads × 2 rounds × 3 phases
                                                             # of 6 s, plus start-up: about 7 minutes
     python benchmarks/contention.py --seconds 8 --rounds 3 --variants before after
+    python benchmarks/contention.py --variants before governed --rounds 3
     python benchmarks/contention.py --smoke                 # tiny sizes, 2 variants: checks that it runs
 
 Workloads, each counted in its own unit of work:
@@ -23,6 +24,8 @@ Variants, the environment torch loads under in every scatgen process of a measur
     after           OMP_WAIT_POLICY=PASSIVE: a waiting OpenMP thread sleeps at once
     after, 1 thread also OMP_NUM_THREADS=1: what sizing torch's threads to the free cores would give
     short spin      OMP_WAIT_POLICY unset, GOMP_SPINCOUNT=10000: a waiting thread spins briefly, then sleeps
+    governed        the environment as it is, and scatgen.speed's thread governor on, as train.py,
+                    sample.py and the scatgen command switch it on (the neighbour scatgen too)
 
 Every (variant, workload) is one fresh worker process, which times --rounds rounds of three
 phases: alone, beside scatgen, beside numpy. A variant's workers and its two neighbours start
@@ -54,7 +57,8 @@ sys.path.insert(0, str(ROOT))
 
 WORKLOADS = {"train": "steps/s", "prior": "fit steps/s", "refine": "evaluations/s"}
 NEIGHBOURS = ("scatgen", "numpy")
-VARIANTS = ("before", "after", "after, 1 thread", "short spin")
+VARIANTS = ("before", "after", "after, 1 thread", "short spin", "governed")
+GOVERN = "SCATGEN_BENCH_GOVERN"  # set in a variant's environment: its workers switch the governor on
 SETTLE_S = {False: 0.5, True: 0.1}  # after SIGCONT, so that the neighbour runs at full tilt when a phase starts
 
 # Sizes of one unit of work (and warm-up units): full, and --smoke.
@@ -76,6 +80,7 @@ def build_work(kind: str, smoke: bool):
     from scatgen.prior import fit_prior
     from scatgen.refinement import refine_reconstructions
     from scatgen.scattering import Scattering
+    from scatgen.speed import work_done
 
     size = SIZES[smoke]
     cfg = load_config(ROOT / "configs/polygons.yaml")
@@ -104,6 +109,7 @@ def build_work(kind: str, smoke: bool):
             hook = getattr(model, "after_optimizer_step", None)
             if hook is not None:
                 hook()
+            work_done()  # as Trainer._train does after each step (the prior and refinement do it inside)
             return 1
 
         return work
@@ -153,12 +159,18 @@ def measure(work, seconds: float) -> dict[str, float]:
         wall = time.perf_counter() - t0
         if wall >= seconds:
             break
-    return {"rate": units / wall, "cpu": (time.process_time() - cpu0) / wall, "units": units, "wall_s": wall}
+    torch = sys.modules.get("torch")  # the thread count at the phase's end (the governor changes it)
+    return {"rate": units / wall, "cpu": (time.process_time() - cpu0) / wall, "units": units, "wall_s": wall,
+            "threads_at_end": torch.get_num_threads() if torch else 1}
 
 
 def worker(kind: str, smoke: bool, forever: bool) -> None:
     """Warm up, say so on stdout, then either work without end (a neighbour) or answer each line on
     stdin with a JSON line: 'warm' (one untimed chunk) or 'measure SECONDS' (one timed phase)."""
+    if os.environ.get(GOVERN) and kind != "numpy":
+        from scatgen.speed import govern_threads
+
+        govern_threads()
     work = numpy_work() if kind == "numpy" else build_work(kind, smoke)
     for _ in range(SIZES[smoke]["warmup"]):
         work()
@@ -247,6 +259,8 @@ class Process:
 def variant_environment(variant: str) -> dict[str, str]:
     if variant == "before":
         return dict(os.environ)
+    if variant == "governed":
+        return dict(os.environ, **{GOVERN: "1"})
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     if variant == "after, 1 thread":
         env["OMP_NUM_THREADS"] = "1"
@@ -323,12 +337,13 @@ def report(results: dict, workloads: list[str], variants: list[str], rounds: int
             cells = [c for v in variants for c in cell(v, kind, neighbour)]
             print(f"| {kind} | {WORKLOADS[kind]} | {neighbour} | " + " | ".join(cells) + " |")
     print("\nworker CPU use, cores busy (CPU seconds per wall second, all threads)\n")
-    print("| workload | variant | torch threads | alone | beside scatgen | beside numpy |")
+    print("| workload | variant | torch threads (at start; at the end of each phase) | alone | beside scatgen | beside numpy |")
     print("|---|---|---|---|---|---|")
     for kind in workloads:
         for v in variants:
             phases = results[v][kind]
-            print(f"| {kind} | {v} | {phases['threads']} | " +
+            ends = " / ".join(",".join(str(r.get("threads_at_end", "?")) for r in phases[p]) for p in ("alone", *NEIGHBOURS))
+            print(f"| {kind} | {v} | {phases['threads']}; {ends} | " +
                   " | ".join(f"{median(phases[p], 'cpu'):.2f}" for p in ("alone", *NEIGHBOURS)) + " |")
     if rounds > 1:
         noisy = [f"{v}, {kind}, {p}: {spread(results[v][kind][p]):.0%}" for v in variants for kind in workloads
@@ -357,7 +372,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="rounds of (alone, beside scatgen, beside numpy)")
     p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
-                   help="default: all three (with --smoke: before and after)")
+                   help="default: all of them (with --smoke: before and after)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 0.3 s phases, one round: checks that it runs")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--worker", choices=[*WORKLOADS, "numpy"], help=argparse.SUPPRESS)

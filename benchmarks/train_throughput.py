@@ -33,19 +33,23 @@ sys.path.insert(0, str(ROOT))
 REF = "b93747c"  # main before issue 14: renders polygons every step, reads the loss every step
 TIMED = ["--train.max_minutes=0", "--train.eval_every=1000000", "--train.checkpoint_every=1000000",
          "--prior.kind=normal", "--refine.steps=0"]
-VARIANTS = {  # name: (tree, overrides)
+VARIANTS = {  # name: (tree, overrides[, environment])
     "before (ref)": ("ref", []),
     "after, images rendered": ("this", ["--data.cache_images=false"]),
     "after": ("this", []),
     "after + compiled generator": ("this", ["--train.compile=true"]),
+    # OMP_NUM_THREADS set: train.py leaves the thread count alone (scatgen.speed.govern_threads)
+    "after, thread governor off": ("this", [], {"OMP_NUM_THREADS": "2"}),
 }
 
 
-def train_seconds(tree: Path, steps: int, overrides: list[str], work: Path, cache: Path) -> float:
+def train_seconds(tree: Path, steps: int, overrides: list[str], work: Path, cache: Path,
+                  env: dict[str, str] | None = None) -> float:
     out = work / f"run-{time.time_ns()}"
     cmd = [sys.executable, "train.py", "configs/polygons.yaml", f"--train.max_steps={steps}", *TIMED, *overrides,
            f"--run.out_dir={out}", f"--run.cache_dir={cache}"]
-    result = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    result = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})})
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
@@ -118,15 +122,15 @@ def main() -> None:
         trees = {"ref": ref_tree, "this": ROOT}
         try:
             for name in args.variants:  # untimed: fills each tree's code (and image) cache, compiles
-                tree, overrides = VARIANTS[name]
-                train_seconds(trees[tree], 5, overrides, work, work / f"cache-{tree}")
+                tree, overrides, *env = VARIANTS[name]
+                train_seconds(trees[tree], 5, overrides, work, work / f"cache-{tree}", *env)
             times: dict[str, list[tuple[float, float]]] = {name: [] for name in args.variants}
             for _ in range(args.repeats):
                 for name in args.variants:
-                    tree, overrides = VARIANTS[name]
+                    tree, overrides, *env = VARIANTS[name]
                     cache = work / f"cache-{tree}"
-                    times[name].append((train_seconds(trees[tree], args.short, overrides, work, cache),
-                                        train_seconds(trees[tree], args.long, overrides, work, cache)))
+                    times[name].append((train_seconds(trees[tree], args.short, overrides, work, cache, *env),
+                                        train_seconds(trees[tree], args.long, overrides, work, cache, *env)))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(ref_tree)], cwd=ROOT, capture_output=True)
             shutil.rmtree(work, ignore_errors=True)

@@ -49,6 +49,7 @@ from scatgen.metrics import psnr
 from scatgen.pictures import display_scale, enlarge, grid, rows_grid, save_gif, save_png, to_unit
 from scatgen.pipeline import Pipeline
 from scatgen.prior import PRIOR_KINDS
+from scatgen.speed import govern_threads
 from scatgen.utils import atomic_path, describe_os_error, one_line_warnings, progress_bar, writable_folder
 
 USE_HELP = """Use a trained model: sample, interpolate, vary, reconstruct, evaluate, fit-prior, atoms.
@@ -170,7 +171,7 @@ def cmd_interpolate(pipe, args) -> None:
     # A prior's draw is information only in the components the prior models.
     seeds = any(spec.startswith("seed:") for spec in (args.a, args.b))
     dims = pipe.priors[args.prior or pipe.default_prior].dims if seeds else None
-    path = args.path
+    path = pipe.interpolation_path(args.path, args.spherical, args.prior)
     path_images = pipe.interpolate(a, b, steps=args.steps, spherical=args.spherical, refine=args.refine, dims=dims,
                                    path=path, prior=args.prior)
     out = out_dir(args)
@@ -398,6 +399,7 @@ def use(argv: list[str], prog: str | None = None, description: str | None = None
     """Parse `COMMAND RUN [options]` (a command that uses a trained model) and run it; returns the
     exit status (1 on a user error)."""
     one_line_warnings()
+    govern_threads()  # entry points only: a library user's process keeps its own thread count
     parser = argparse.ArgumentParser(prog=prog, description=description or USE_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -425,9 +427,10 @@ def use(argv: list[str], prog: str | None = None, description: str | None = None
     parsers["interpolate"].add_argument("--b", required=True, help="image path, train:I, test:I or seed:K")
     parsers["interpolate"].add_argument("--steps", type=count(2, STEPS_MAX, "one picture and one GIF"), default=10)
     parsers["interpolate"].add_argument("--spherical", action="store_true", help="with --path code: slerp")
-    parsers["interpolate"].add_argument("--path", choices=["code", "prior"], default="code",
-                                        help="code: a straight line between codes (the default); prior: "
-                                             "through the prior's noise (flow, latent_flow, normal)")
+    parsers["interpolate"].add_argument("--path", choices=["code", "prior"], default=None,
+                                        help="code: a straight line between codes; prior: through the prior's "
+                                             "noise (flow, latent_flow, normal). Default: prior where the prior "
+                                             "is invertible and --spherical is not given, else code")
     parsers["vary"].add_argument("--image", required=True, help="image path, train:I, test:I or seed:K")
     parsers["vary"].add_argument("--strength", type=unit_interval, default=0.5,
                                  help="0 = the image's own decoding, 1 = fresh samples")
@@ -512,6 +515,7 @@ def train(argv: list[str], usage: str = __doc__, use_command: str = "scatgen") -
     from scatgen.training import NonFiniteLossError, Trainer, TrainingStopped
 
     one_line_warnings()
+    govern_threads()  # entry points only: a library user's process keeps its own thread count
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2

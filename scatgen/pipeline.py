@@ -229,14 +229,23 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         codes = code_prior.from_noise(noise.flatten(0, 1)).reshape(len(a), len(t), -1)
         return codes + rest
 
+    def interpolation_path(self, path: str | None = None, spherical: bool = False, prior: str | None = None) -> str:
+        """`path`, or for None the default: 'prior' where that prior is invertible and the path is
+        not spherical, else 'code'."""
+        if path is not None:
+            return path
+        return "prior" if self.prior(prior).invertible and not spherical else "code"
+
     def interpolate(self, a: torch.Tensor, b: torch.Tensor, steps: int = 8, spherical: bool = False,
-                    refine: int | None = None, dims: int | None = None, path: str = "code",
+                    refine: int | None = None, dims: int | None = None, path: str | None = None,
                     prior: str | None = None) -> torch.Tensor:
         """Decode `steps` codes from a to b (each (d,), or an image (3, N, N) to encode first)
         along `path` (see interpolate_codes); `dims` as in decode (the prior's modelled components
-        when an end is a prior's draw). 'code' is the default: through the prior did not measure
-        better on polygons (benchmarks/README.md)."""
+        when an end is a prior's draw). path=None goes through the prior where it is invertible
+        (its midpoints measured 3× the straight line's precision on polygons, benchmarks/README.md)
+        and along the straight line otherwise, or with `spherical`."""
         steps = whole_number(steps, "steps (images along the path, both ends included)", 2)
+        path = self.interpolation_path(path, spherical, prior)
         if spherical and path != "code":
             raise ValueError("spherical=True is a path between codes: use it with path='code'")
         a, b = (check_code_or_image(v, self.d, self.image_size, name) for v, name in ((a, "a"), (b, "b")))

@@ -45,6 +45,7 @@ from torch import nn
 
 from scatgen.checks import check_strength
 from scatgen.config import PriorConfig
+from scatgen.speed import work_done
 from scatgen.utils import atomic_path, progress_bar
 
 
@@ -419,6 +420,7 @@ def optimise(parameters: list[nn.Parameter], loss_fn: Callable[[], torch.Tensor]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            work_done()
             budget.taken += 1
             bar.update(1)
             if seconds > 0 and budget.taken % 100 == 0:  # the clock, not the step bound, usually ends the fit

@@ -30,6 +30,7 @@ from scatgen.config import RefineConfig, check_refine
 from scatgen.encoder import Encoder
 from scatgen.filter_bank import channel_orders
 from scatgen.scattering import Scattering
+from scatgen.speed import work_done
 from scatgen.utils import progress_bar
 from scatgen.whitening import Whitening
 
@@ -185,6 +186,7 @@ def descend(scattering: Scattering, start: torch.Tensor, objective: Objective, c
     `cfg.steps` counts gradient evaluations for both optimisers. on_step(i, x), if given,
     sees the images after i evaluations (benchmarks trace with it)."""
     def energy(x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        work_done(len(x))  # image evaluations: the thread governor's unit (scatgen.speed)
         e = objective(scattering(x).reshape(x.shape[0], -1), idx)
         return e + cfg.tv * total_variation(x) if cfg.tv > 0 else e
 

@@ -1,5 +1,13 @@
-"""The training speed monitor: steps per second per logging window, and a warning when the
-rate collapses because another process took the processor."""
+"""Speed under a shared processor: the training speed monitor (steps per second per logging
+window, and a warning when the rate collapses because another process took the processor), and
+the thread governor that the entry points switch on.
+
+torch's threads wait for each other by spinning; beside one busy neighbour each op waits for the
+thread the scheduler has preempted, and a 2-thread process on 2 cores runs 3.4-7x slower, where a
+fair share would be 2x. One thread has no such cliff, but alone it is slower than two. The
+governor measures both at run time and keeps the faster: the work loops (training steps, the
+prior's fit, refinement) report their units of work, and every so often it tries the other
+thread count for one window."""
 
 from __future__ import annotations
 
@@ -49,6 +57,88 @@ class StepRate:
             return False
         self.warned = True
         return True
+
+
+class ThreadGovernor:
+    """Keeps torch at whichever of 1 and n threads (n: torch's count when it starts) has the
+    higher measured rate of work.
+
+    Work is counted in windows of at least `window_s`. Every `probe_every` windows the other count
+    is tried for one window, and kept if its rate beats the current count's last one by `gain`;
+    a window at n threads that runs `collapse` times slower than the last one at n is a neighbour
+    arriving, and starts a probe at once. With a neighbour arriving or leaving, the count follows
+    within about one probe period. A gap between two units of more than `idle` times the usual
+    one (the loop paused: an evaluation, a checkpoint, the caller's own work) starts a new window
+    instead of counting as slow work."""
+
+    def __init__(self, window_s: float = 0.5, probe_every: int = 10, gain: float = 1.1, collapse: float = 2.0,
+                 idle: float = 10.0, clock=time.perf_counter, set_threads=torch.set_num_threads,
+                 threads: int | None = None) -> None:
+        self.full = threads or torch.get_num_threads()
+        self.window_s, self.probe_every, self.gain, self.collapse, self.idle = window_s, probe_every, gain, collapse, idle
+        self.clock, self.set_threads = clock, set_threads
+        self.threads, self.rate = self.full, {}  # threads → rate of its last window
+        self.units, self.ticks, self.windows, self.probing = 0.0, 0, 0, None
+        self.start = self.last = clock()
+        self.interval: float | None = None  # seconds between ticks in the last window
+        self.warm = False
+        self.switches = 0
+
+    def tick(self, units: float = 1.0) -> None:
+        """Count `units` of work just done; at the end of a window, maybe change the thread count."""
+        now = self.clock()
+        gap, self.last = now - self.last, now
+        if self.interval is not None and gap > self.idle * max(self.interval, 1e-3):
+            self.units, self.ticks, self.start = 0.0, 0, now  # the loop was paused, not slow
+            return
+        self.units += units
+        self.ticks += 1
+        elapsed = now - self.start
+        if elapsed < self.window_s or self.full == 1:
+            return
+        self.interval = elapsed / self.ticks
+        if not self.warm:  # the first window holds the loop's warm-up
+            self.warm = True
+            self.units, self.ticks, self.start = 0.0, 0, now
+            return
+        rate, threads = self.units / elapsed, self.threads
+        previous = self.rate.get(threads)
+        self.rate[threads] = rate
+        self.windows += 1
+        other = 1 if threads == self.full else self.full
+        if self.probing is not None:  # this window was a probe of `threads`: keep it or go back
+            if rate < self.gain * self.rate[self.probing]:
+                self._use(self.probing)
+            self.probing = None
+        elif (self.windows % self.probe_every == 0 or other not in self.rate
+              or (threads == self.full and previous is not None and rate * self.collapse < previous)):
+            self.probing = threads
+            self._use(other)
+        self.units, self.ticks, self.start = 0.0, 0, self.clock()
+
+    def _use(self, threads: int) -> None:
+        if threads != self.threads:
+            self.set_threads(threads)
+            self.threads = threads
+            self.switches += 1
+
+
+_governor: ThreadGovernor | None = None
+
+
+def govern_threads() -> ThreadGovernor | None:
+    """Switch the thread governor on for this process (the entry points do; a library user's
+    process keeps its own settings). Off where OMP_NUM_THREADS is set: a user's choice wins."""
+    global _governor
+    if _governor is None and not os.environ.get("OMP_NUM_THREADS") and torch.get_num_threads() > 1:
+        _governor = ThreadGovernor()
+    return _governor
+
+
+def work_done(units: float = 1.0) -> None:
+    """What work loops call after each unit of work; nothing unless the governor is on."""
+    if _governor is not None:
+        _governor.tick(units)
 
 
 def warn_slowdown(rate: StepRate) -> None:

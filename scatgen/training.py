@@ -35,7 +35,7 @@ from scatgen.generators import Generator, build_generator
 from scatgen.metrics import finite_mean, psnr
 from scatgen.pictures import grid, rows_grid, to_unit
 from scatgen.prior import NormalPrior
-from scatgen.speed import StepRate, budget_steps, usable_cores, warn_slowdown
+from scatgen.speed import StepRate, budget_steps, usable_cores, warn_slowdown, work_done
 from scatgen.utils import atomic_path, progress_bar
 
 
@@ -377,6 +377,7 @@ class Trainer:
                 if hook is not None:
                     hook()
                 self.step += 1
+                work_done()
                 self.train_seconds = resumed_seconds + time.time() - start - paused
                 # 4. log
                 if self.step % t.log_every == 0:

@@ -172,6 +172,9 @@ def test_pipeline_vary_and_interpolate_through_the_prior(run_dir):
     torch.testing.assert_close(ends[[0, 2]], code, atol=1e-4, rtol=1e-4)
     strip = pipe.interpolate(code[0], code[1], steps=4, refine=0, path="prior")
     assert strip.shape == (4, 3, 32, 32)
+    # Without a path: through an invertible prior's noise, the straight line for a slerp.
+    assert pipe.interpolation_path() == "prior" and pipe.interpolation_path(spherical=True) == "code"
+    torch.testing.assert_close(pipe.interpolate(code[0], code[1], steps=4, refine=0), strip)
     with pytest.raises(ValueError, match="path must be 'code'.*or 'prior'.*got 'noise'"):
         pipe.interpolate(code[0], code[1], path="noise")
     with pytest.raises(ValueError, match="spherical=True is a path between codes"):
@@ -197,6 +200,7 @@ def test_a_prior_without_an_inverse_cannot_interpolate_or_vary(run_dir):
     codes = pipe.random_codes(2, prior="gmm")
     with pytest.raises(ValueError, match="'gmm' prior has no inverse"):
         pipe.interpolate(codes[0], codes[1], path="prior", prior="gmm", refine=0)
+    assert pipe.interpolation_path(prior="gmm") == "code"  # its default path needs no inverse
     with pytest.raises(ValueError, match="'gmm' prior has no inverse"):
         pipe.vary(codes[0], 0.5, prior="gmm", refine=0)
     # The straight line needs no inverse.

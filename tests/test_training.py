@@ -277,3 +277,55 @@ def test_a_run_past_its_budget_shortens_the_prior_and_says_so(tmp_path, capsys):
     assert metrics["pictures_estimate_seconds"] > 0
     assert "the prior gets 0.5 of its 2" in capsys.readouterr().out
     assert load_bundle(tmp_path / "run" / "model")[2].prior.max_minutes == 2  # the bundle keeps the config
+
+
+def _governed_rates(phases, **kw):
+    """Drive a ThreadGovernor through phases of (units, {threads: units per second}) on a fake clock;
+    → the thread count at the end of each phase, and the mean rate over each phase."""
+    from scatgen.speed import ThreadGovernor
+
+    now = [0.0]
+    governor = ThreadGovernor(clock=lambda: now[0], set_threads=lambda n: None, threads=2, **kw)
+    ends, means = [], []
+    for units, rates in phases:
+        start = now[0]
+        for _ in range(units):
+            now[0] += 1 / rates[governor.threads]
+            governor.tick()
+        ends.append(governor.threads)
+        means.append(units / (now[0] - start))
+    return ends, means
+
+
+def test_thread_governor_drops_to_one_thread_beside_a_neighbour_and_comes_back():
+    alone, beside = {2: 30.0, 1: 22.0}, {2: 6.0, 1: 20.0}  # the shape of benchmarks/contention.py's rates
+    ends, means = _governed_rates([(900, alone), (600, beside), (900, alone)])
+    assert ends == [2, 1, 2]
+    assert means[0] > 0.95 * 30  # alone it costs little: one probe window in ten at the slower count
+    assert means[1] > 0.8 * 20  # beside a neighbour it is near the 1-thread rate, far above 6
+    assert means[2] > 0.9 * 30
+
+
+def test_thread_governor_keeps_one_thread_count_where_they_tie_and_is_off_by_default(monkeypatch):
+    ends, _ = _governed_rates([(600, {2: 20.0, 1: 20.0})])
+    assert ends == [2]  # a tie never beats the gain: no switching back and forth
+    import scatgen.speed as speed
+
+    calls = []
+    monkeypatch.setattr(speed.torch, "set_num_threads", lambda n: calls.append(n))
+    monkeypatch.setattr(speed, "_governor", None)
+    for _ in range(1000):
+        speed.work_done()  # the library alone never changes the thread count
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert speed.govern_threads() is None and calls == []  # nor does an entry point under the user's choice
+
+
+def test_thread_governor_takes_a_paused_loop_for_a_pause_not_a_neighbour():
+    from scatgen.speed import ThreadGovernor
+
+    now = [0.0]
+    governor = ThreadGovernor(clock=lambda: now[0], set_threads=lambda n: None, threads=2, probe_every=1000)
+    for i in range(400):
+        now[0] += 1 / 30 + (20.0 if i % 50 == 49 else 0.0)  # 30 units/s, and a 20-second pause now and then
+        governor.tick()
+    assert governor.threads == 2 and governor.switches == 2  # the one initial probe of 1 thread, and back
