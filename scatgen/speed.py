@@ -143,11 +143,14 @@ def work_done(units: float = 1.0) -> None:
 
 def warn_slowdown(rate: StepRate) -> None:
     threads = torch.get_num_threads()
+    if _governor is None and os.environ.get("OMP_NUM_THREADS"):
+        advice = ("or unset OMP_NUM_THREADS, so that scatgen's commands pick 1 or more threads by measured speed "
+                  "(benchmarks/contention.py: 1.3-2x slower beside one busy process instead of 3.5-4x)")
+    else:
+        advice = "or give this run more cores; OMP_WAIT_POLICY=PASSIVE in the environment also softens the cliff"
     tqdm.write(f"warning: training slowed to {rate.current:.1f} steps/s from {rate.best:.1f}; another busy process "
-               f"is probably competing for the {usable_cores()} core(s) that torch's {threads} threads use. Stop it, "
-               f"or start runs that share the machine with OMP_WAIT_POLICY=PASSIVE in the environment (beside one busy "
-               f"process: 1.6× slower instead of 3.8×; alone: about 22% slower)",
-               file=sys.stderr)
+               f"is probably competing for the {usable_cores()} core(s) that torch's {threads} thread(s) use. "
+               f"Stop it, {advice}", file=sys.stderr)
 
 
 def budget_steps(step: int, first_step: int, total_steps: int, train_seconds: float, resumed_seconds: float,
