@@ -38,7 +38,7 @@ MIN_PRIOR_SHARE = 0.25  # a run that is far behind still gives the prior this sh
 def pictures_seconds(generator: Generator, encoder: Encoder, cfg: Config, test_codes: torch.Tensor) -> float:
     """Seconds that save_run_pictures will take, estimated: the images it refines × refine.steps
     × the seconds per image and evaluation of a probe (refinement is nearly all of its time)."""
-    if cfg.refine.steps == 0:
+    if cfg.refine.steps == 0 or len(test_codes) == 0:
         return 0.0
     pipe = Pipeline(generator, encoder.whitening, cfg, scattering=encoder.scattering, device=encoder.device)
     probe = test_codes[:PROBE_CODES]
