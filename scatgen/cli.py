@@ -399,7 +399,6 @@ def use(argv: list[str], prog: str | None = None, description: str | None = None
     """Parse `COMMAND RUN [options]` (a command that uses a trained model) and run it; returns the
     exit status (1 on a user error)."""
     one_line_warnings()
-    govern_threads()  # entry points only: a library user's process keeps its own thread count
     parser = argparse.ArgumentParser(prog=prog, description=description or USE_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -450,6 +449,10 @@ def use(argv: list[str], prog: str | None = None, description: str | None = None
     parsers["fit-prior"].add_argument("--kind", choices=PRIOR_KINDS, default="flow")
     parsers["fit-prior"].add_argument("--fit-steps", type=count(1), help="flow: optimizer steps (default: the config's)")
     args = parser.parse_args(argv)
+    if args.command == "evaluate":
+        # Its metrics do not need the last bit; the commands that write images keep a fixed thread
+        # count, so that a seed gives the same pictures every time (1 and 2 threads round differently).
+        govern_threads()
     if args.command == "sample" and args.n > GRID_MAX and not args.individual:
         parsers["sample"].error(f"--n {args.n}: the grid shows at most {GRID_MAX} samples; pass --individual to "
                                 f"write every sample as its own PNG, or lower --n")
@@ -506,6 +509,13 @@ def find_config(name: str) -> Path:
                             f"{', '.join(packaged) or 'none (the package was installed without them)'}")
 
 
+def has_time_budget(cfg) -> bool:
+    """Whether a run stops by the clock: then it is not repeatable anyway, and train.py lets the
+    thread governor pick 1 or 2 threads. A run fixed by its step counts keeps its thread count, so
+    that it ends with the same weights to the bit (1 and 2 threads round differently)."""
+    return cfg.train.max_minutes > 0 or cfg.prior.max_minutes > 0 or cfg.run.max_minutes > 0
+
+
 def train(argv: list[str], usage: str = __doc__, use_command: str = "scatgen") -> int:
     """`train CONFIG [--section.field=value ...]`: train, write the bundle and pictures, say where."""
     from safetensors import SafetensorError
@@ -515,7 +525,6 @@ def train(argv: list[str], usage: str = __doc__, use_command: str = "scatgen") -
     from scatgen.training import NonFiniteLossError, Trainer, TrainingStopped
 
     one_line_warnings()
-    govern_threads()  # entry points only: a library user's process keeps its own thread count
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2
@@ -524,6 +533,8 @@ def train(argv: list[str], usage: str = __doc__, use_command: str = "scatgen") -
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if has_time_budget(cfg):
+        govern_threads()  # entry points only: a library user's process keeps its own thread count
 
     def stop(signum, frame):
         raise TrainingStopped(signum)

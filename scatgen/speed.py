@@ -1,6 +1,7 @@
 """Speed under a shared processor: the training speed monitor (steps per second per logging
 window, and a warning when the rate collapses because another process took the processor), and
-the thread governor that the entry points switch on.
+the thread governor that the entry points switch on (for runs that stop by the clock, and
+evaluate: 1 and 2 threads round differently, so repeatable work keeps its count).
 
 torch's threads wait for each other by spinning; beside one busy neighbour each op waits for the
 thread the scheduler has preempted, and a 2-thread process on 2 cores runs 3.4-7x slower, where a

@@ -329,3 +329,12 @@ def test_thread_governor_takes_a_paused_loop_for_a_pause_not_a_neighbour():
         now[0] += 1 / 30 + (20.0 if i % 50 == 49 else 0.0)  # 30 units/s, and a 20-second pause now and then
         governor.tick()
     assert governor.threads == 2 and governor.switches == 2  # the one initial probe of 1 thread, and back
+
+
+def test_only_runs_that_stop_by_the_clock_let_the_governor_change_threads():
+    from scatgen.cli import has_time_budget
+
+    assert has_time_budget(load_config(ROOT / "configs/polygons.yaml"))
+    fixed = {"train.max_minutes": "0", "prior.max_minutes": "0", "run.max_minutes": "0"}
+    assert not has_time_budget(load_config(ROOT / "configs/polygons.yaml", fixed))  # repeatable to the bit
+    assert has_time_budget(load_config(None, {"train.max_minutes": "1"}))
