@@ -24,8 +24,8 @@ Variants, the environment torch loads under in every scatgen process of a measur
     after           OMP_WAIT_POLICY=PASSIVE: a waiting OpenMP thread sleeps at once
     after, 1 thread also OMP_NUM_THREADS=1: what sizing torch's threads to the free cores would give
     short spin      OMP_WAIT_POLICY unset, GOMP_SPINCOUNT=10000: a waiting thread spins briefly, then sleeps
-    governed        the environment as it is, and scatgen.speed's thread governor on, as train.py,
-                    sample.py and the scatgen command switch it on (the neighbour scatgen too)
+    governed        the environment as it is, and scatgen.speed's thread governor on, as train.py
+                    switches it on for a run with a time budget (the neighbour scatgen too)
 
 Every (variant, workload) is one fresh worker process, which times --rounds rounds of three
 phases: alone, beside scatgen, beside numpy. A variant's workers and its two neighbours start

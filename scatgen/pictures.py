@@ -117,7 +117,7 @@ def save_run_pictures(pipe: Pipeline, codes: torch.Tensor, images: torch.Tensor,
     pairs = min(PAIRS, len(codes) // 2)
     prior = pipe.priors[pipe.default_prior]
     path = pipe.interpolate_codes(codes[0:2 * pairs:2], codes[1:2 * pairs:2], torch.linspace(0, 1, PATH_POINTS),
-                                  path="prior" if prior.invertible else "code")
+                                  path=pipe.interpolation_path())
     drawn_tv = pipe.cfg.refine.sample_tv
     strips = pipe.decode(path.flatten(0, 1), tv=drawn_tv)
     save_png(enlarge(grid(strips, nrow=PATH_POINTS), factor), folder / "interpolation.png")
