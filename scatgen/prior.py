@@ -8,7 +8,9 @@ codes to blobs. A density fitted ex post to the train codes keeps samples on the
     gmm          a Gaussian mixture fitted by EM (the ex-post density of RAE, Ghosh et al. 2020)
     flow         flow matching (Lipman et al. 2023): an MLP velocity field v(y, t) carries
                  N(0, I) at t = 0 to the codes at t = 1 along straight paths
-                 y_t = (1 − t) ε + t y; sampling integrates dy/dt = v with Heun's method
+                 y_t = (1 − t) ε + t y; sampling integrates dy/dt = v with Heun's method.
+                 The MLP sees t at its input (prior.conditioning=input) or in every block
+                 through adaLN (adaln); prior.ema samples with the weights' moving average
     latent_flow  two stages: an autoencoder d → k → d on the codes, and a flow on its k-d latent
 
 gmm and flow model the `dims` leading components and draw the rest from N(0, I). latent_flow
@@ -230,7 +232,7 @@ class ResidualMLP(nn.Module):
 
 
 class VelocityField(ResidualMLP):
-    """v(y, t): (B, m), (B,) → (B, m), with the time features at the input."""
+    """v(y, t): (B, m), (B,) → (B, m), with the time features at the input only."""
 
     def __init__(self, d: int, width: int, depth: int) -> None:
         super().__init__(d + 64, width, d, depth)
@@ -239,8 +241,60 @@ class VelocityField(ResidualMLP):
         return super().forward(torch.cat([y, time_features(t)], dim=1))
 
 
+class AdaLNBlock(nn.Module):
+    """h + gate(c) · MLP(LN(h) · (1 + scale(c)) + shift(c)): a residual block modulated by the
+    time embedding c. The modulation starts at zero, so the block starts as the identity."""
+
+    def __init__(self, width: int, cond: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.modulation = nn.Linear(cond, 3 * width)
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.modulation(c).chunk(3, dim=1)
+        return h + gate * self.mlp(self.norm(h) * (1 + scale) + shift)
+
+
+class AdaLNVelocityField(nn.Module):
+    """v(y, t): (B, m), (B,) → (B, m), with t modulating every block (adaLN, as in DiT and MAR's
+    diffusion head) instead of entering once at the input: a residual MLP otherwise has to carry
+    the time through every layer. The head starts at zero, so the initial field is v = 0."""
+
+    def __init__(self, d: int, width: int, depth: int, cond: int = 128) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d, width)
+        self.time = nn.Sequential(nn.Linear(64, cond), nn.SiLU(), nn.Linear(cond, cond))
+        self.blocks = nn.ModuleList(AdaLNBlock(width, cond) for _ in range(depth))
+        self.head_norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.head_modulation = nn.Linear(cond, 2 * width)
+        self.out = nn.Linear(width, d)
+        for layer in (self.head_modulation, self.out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        c = nn.functional.silu(self.time(time_features(t)))
+        h = self.inp(y)
+        for block in self.blocks:
+            h = block(h, c)
+        shift, scale = self.head_modulation(c).chunk(2, dim=1)
+        return self.out(self.head_norm(h) * (1 + scale) + shift)
+
+
+# How the velocity field sees the time: "input" concatenates it to the input once (the default,
+# and what priors saved before the setting existed hold); "adaln" modulates every block. At the
+# CPU default's budget adaLN costs 1.7x per step and did not measure better (benchmarks/README.md).
+VELOCITY_FIELDS: dict[str, Callable[[int, int, int], nn.Module]] = {
+    "adaln": AdaLNVelocityField,
+    "input": VelocityField,
+}
+
+
 @torch.no_grad()
-def integrate(velocity: VelocityField, y: torch.Tensor, t0: float, t1: float, steps: int) -> torch.Tensor:
+def integrate(velocity: nn.Module, y: torch.Tensor, t0: float, t1: float, steps: int) -> torch.Tensor:
     """Heun's method for dy/dt = v(y, t) from t0 to t1 (either way) in `steps` equal steps."""
     dt = (t1 - t0) / steps
     for i in range(steps):
@@ -252,7 +306,7 @@ def integrate(velocity: VelocityField, y: torch.Tensor, t0: float, t1: float, st
 
 
 @torch.no_grad()
-def invert(velocity: VelocityField, y: torch.Tensor, t0: float, t1: float, steps: int,
+def invert(velocity: nn.Module, y: torch.Tensor, t0: float, t1: float, steps: int,
            tolerance: float = 1e-6, iterations: int = 50) -> torch.Tensor:
     """The y0 with integrate(velocity, y0, t0, t1, steps) == y: each Heun step undone by a
     fixed-point iteration, so that the inverse is that of the discrete sampler, not of the ODE."""
@@ -281,10 +335,14 @@ class FlowPrior(CodePrior):
     kind = "flow"
     invertible = True
 
-    def __init__(self, d: int, width: int = 512, depth: int = 3, sample_steps: int = 32, dims: int = 0) -> None:
+    def __init__(self, d: int, width: int = 512, depth: int = 3, sample_steps: int = 32, dims: int = 0,
+                 conditioning: str = "input") -> None:
         super().__init__(d, dims)
-        self.width, self.depth, self.sample_steps = width, depth, sample_steps
-        self.velocity = VelocityField(self.state_dims, width, depth)
+        if conditioning not in VELOCITY_FIELDS:
+            raise ValueError(f"unknown velocity conditioning {conditioning!r}; expected one of "
+                             f"{', '.join(VELOCITY_FIELDS)}")
+        self.width, self.depth, self.sample_steps, self.conditioning = width, depth, sample_steps, conditioning
+        self.velocity = VELOCITY_FIELDS[conditioning](self.state_dims, width, depth)
 
     @property
     def state_dims(self) -> int:
@@ -292,7 +350,7 @@ class FlowPrior(CodePrior):
 
     def settings(self) -> dict[str, Any]:
         return {"d": self.d, "dims": self.dims, "width": self.width, "depth": self.depth,
-                "sample_steps": self.sample_steps}
+                "sample_steps": self.sample_steps, "conditioning": self.conditioning}
 
     def codes_to_state(self, codes: torch.Tensor) -> torch.Tensor:
         return codes[:, :self.dims]
@@ -354,9 +412,10 @@ class LatentFlowPrior(FlowPrior):
 
     kind = "latent_flow"
 
-    def __init__(self, d: int, latent: int = 32, width: int = 512, depth: int = 3, sample_steps: int = 32) -> None:
+    def __init__(self, d: int, latent: int = 32, width: int = 512, depth: int = 3, sample_steps: int = 32,
+                 conditioning: str = "input") -> None:
         self.latent = latent
-        super().__init__(d, width, depth, sample_steps, dims=0)
+        super().__init__(d, width, depth, sample_steps, dims=0, conditioning=conditioning)
         self.encoder = ResidualMLP(d, width, latent, depth)
         self.decoder = ResidualMLP(latent, width, d, depth)
         self.register_buffer("latent_mean", torch.zeros(latent))
@@ -368,7 +427,7 @@ class LatentFlowPrior(FlowPrior):
 
     def settings(self) -> dict[str, Any]:
         return {"d": self.d, "latent": self.latent, "width": self.width, "depth": self.depth,
-                "sample_steps": self.sample_steps}
+                "sample_steps": self.sample_steps, "conditioning": self.conditioning}
 
     def codes_to_state(self, codes: torch.Tensor) -> torch.Tensor:
         return (self.encoder(codes) - self.latent_mean) / self.latent_std
@@ -406,9 +465,12 @@ def stage_seconds(cfg: PriorConfig, steps: int, total_steps: int) -> float:
 
 
 def optimise(parameters: list[nn.Parameter], loss_fn: Callable[[], torch.Tensor], cfg: PriorConfig,
-             steps: int, seconds: float, progress: bool, desc: str) -> int:
-    """AdamW on loss_fn() within StageBudget(steps, seconds) → the steps taken."""
+             steps: int, seconds: float, progress: bool, desc: str, ema: float = 0.0) -> int:
+    """AdamW on loss_fn() within StageBudget(steps, seconds) → the steps taken. With ema > 0 the
+    parameters end as their exponential moving average (decay ema, warmed up over the first
+    steps as (1 + i) / (10 + i)), which is what sampling then uses."""
     opt = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=0.0)
+    averages = [p.detach().clone() for p in parameters] if ema > 0 else []
     budget = StageBudget(steps, seconds)
     with progress_bar(total=steps, desc=desc, disable=not progress, leave=False) as bar:
         while budget.progress() < 1:
@@ -420,15 +482,22 @@ def optimise(parameters: list[nn.Parameter], loss_fn: Callable[[], torch.Tensor]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if averages:
+                decay = min(ema, (1 + budget.taken) / (10 + budget.taken))
+                with torch.no_grad():
+                    torch._foreach_lerp_(averages, [p.detach() for p in parameters], 1 - decay)
             work_done()
             budget.taken += 1
             bar.update(1)
             if seconds > 0 and budget.taken % 100 == 0:  # the clock, not the step bound, usually ends the fit
                 bar.set_postfix(min=f"{budget.elapsed() / 60:.1f}/{seconds / 60:.1f}", refresh=False)
+    with torch.no_grad():
+        for p, average in zip(parameters, averages):
+            p.copy_(average)
     return budget.taken
 
 
-def train_velocity(velocity: VelocityField, data: torch.Tensor, cfg: PriorConfig, generator: torch.Generator,
+def train_velocity(velocity: nn.Module, data: torch.Tensor, cfg: PriorConfig, generator: torch.Generator,
                    device: torch.device | str, progress: bool, desc: str, seconds: float = 0.0) -> int:
     """Conditional flow matching: regress v(y_t, t) on y − ε along y_t = (1 − t) ε + t y, for
     rows y of data (n, m); → the steps taken (cfg.fit_steps, or fewer when `seconds` run out)."""
@@ -442,7 +511,7 @@ def train_velocity(velocity: VelocityField, data: torch.Tensor, cfg: PriorConfig
         return (velocity(yt.to(device), t.to(device)) - (y1 - y0).to(device)).square().mean()
 
     velocity.train()
-    taken = optimise(list(velocity.parameters()), loss, cfg, cfg.fit_steps, seconds, progress, desc)
+    taken = optimise(list(velocity.parameters()), loss, cfg, cfg.fit_steps, seconds, progress, desc, ema=cfg.ema)
     velocity.eval()
     return taken
 
@@ -454,7 +523,7 @@ def fit_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device: torch
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        prior = FlowPrior(d, cfg.width, cfg.depth, cfg.sample_steps, min(cfg.dims, d)).to(device)
+        prior = FlowPrior(d, cfg.width, cfg.depth, cfg.sample_steps, min(cfg.dims, d), cfg.conditioning).to(device)
     taken = train_velocity(prior.velocity, prior.codes_to_state(codes.float()), cfg, generator, device, progress,
                            "fitting flow prior", stage_seconds(cfg, cfg.fit_steps, cfg.fit_steps))
     prior.steps_taken = {"flow": taken}
@@ -492,7 +561,7 @@ def fit_latent_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        prior = LatentFlowPrior(d, cfg.latent, cfg.width, cfg.depth, cfg.sample_steps).to(device)
+        prior = LatentFlowPrior(d, cfg.latent, cfg.width, cfg.depth, cfg.sample_steps, cfg.conditioning).to(device)
     codes = codes.float()
     total_steps = cfg.autoencoder_steps + cfg.fit_steps
 
