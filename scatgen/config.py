@@ -94,6 +94,8 @@ class PriorConfig:
     batch_size: int = 256  # flow: codes per step
     lr: float = 1e-3  # flow: AdamW learning rate, cosine-decayed
     sample_steps: int = 32  # flow: Heun steps from noise to code
+    conditioning: str = "input"  # flow: how the velocity MLP sees the time: input (concatenated once) | adaln (modulates every block)
+    ema: float = 0.0  # flow: decay of the weights' moving average that sampling uses; 0 = the last weights
     latent: int = 32  # latent_flow: size of the autoencoder's latent that the flow models
     autoencoder_steps: int = 3000  # latent_flow: optimizer steps of the autoencoder (the flow then takes fit_steps)
     code_weighting: float = 0.25  # latent_flow: γ ≥ 0, the autoencoder's squared error weighs code component k by λ_k^γ (mean 1); 0 = plain whitened error
@@ -107,7 +109,7 @@ class RefineConfig:
     lr: float = 0.01  # adam only: step size, in pixels of [-1, 1]
     weighting: float = 0.5  # α: code objective weighs PCA coordinate k by λ_k^-α; 0 = PCA, 1 = whitened
     anchor: float = 1.0  # β: keeps the D − d coefficients a code does not fix near G's; 0 = free
-    tv: float = 0.0  # total-variation weight against artefacts, for codes of images (test codes, reconstructions)
+    tv: float = 0.0  # colour total-variation weight when refining towards an image's code (decode); reconstructions, which know all of S_J x, take none
     sample_tv: float = 0.0  # the same for codes a prior drew (samples, variations, interpolation paths)
     balance: float = 0.5  # reconstructions weigh scattering order m by (E_0/E_m)^balance (E_m: its energy); 0 = plain
     batch_size: int = 64  # images refined at once (results do not depend on it)
@@ -150,6 +152,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("constant", "cosine", "linear"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "prior.covariance": ("full", "diag"),
+    "prior.conditioning": ("adaln", "input"),
     "refine.optimizer": ("adam", "lbfgs"),
 }
 
@@ -485,6 +488,7 @@ def validate(cfg: Config) -> None:
         (math.isfinite(p.code_weighting) and 0 <= p.code_weighting <= 2,
          f"prior.code_weighting={p.code_weighting} must be a number in [0, 2] (0 = plain whitened error)"),
         (p.dims >= 0, f"prior.dims={p.dims} must be >= 0 (0, or more than whitening.d, models all components)"),
+        (math.isfinite(p.ema) and 0 <= p.ema < 1, f"prior.ema={p.ema} must be in [0, 1) (0 = no moving average)"),
         (math.isfinite(cfg.run.max_minutes) and cfg.run.max_minutes >= 0,
          f"run.max_minutes={cfg.run.max_minutes} must be a finite number >= 0 (0 = no run budget)"),
         (cfg.run.max_minutes == 0 or t.max_minutes == 0 or cfg.run.max_minutes > t.max_minutes,

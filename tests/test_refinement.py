@@ -1,3 +1,4 @@
+import math
 from dataclasses import replace
 
 import pytest
@@ -13,6 +14,7 @@ from scatgen.pictures import to_unit
 from scatgen.filter_bank import channel_orders
 from scatgen.refinement import (
     code_objective, descend, image_objective, order_balance, refine_decodings, refine_reconstructions,
+    TV_EPSILON,
     total_variation,
 )
 from scatgen.scattering import Scattering
@@ -137,10 +139,22 @@ def test_a_bad_balance_is_a_one_line_error(value):
 
 def test_total_variation_on_constructed_images():
     flat = torch.zeros(2, 3, 8, 8)
-    assert torch.equal(total_variation(flat), torch.zeros(2))
+    torch.testing.assert_close(total_variation(flat), torch.zeros(2), atol=1e-6, rtol=0)
     edge = flat.clone()
-    edge[:, :, :, 4:] = 1.0  # one vertical edge of height 1, 8 rows, 3 channels
-    assert torch.allclose(total_variation(edge), torch.full((2,), 24.0))
+    edge[:, :, :, 4:] = 1.0  # one vertical edge of height 1 in all 3 channels, 8 rows
+    expected = 8 * (math.sqrt(3 + TV_EPSILON**2) - TV_EPSILON)
+    torch.testing.assert_close(total_variation(edge), torch.full((2,), expected))
+    # A horizontal edge costs what the vertical one does.
+    torch.testing.assert_close(total_variation(edge.transpose(2, 3)), total_variation(edge))
+
+
+def test_total_variation_charges_colour_fringes_more_than_an_aligned_edge():
+    aligned = torch.zeros(1, 3, 8, 8)
+    aligned[:, :, :, 4:] = 1.0
+    fringed = torch.zeros(1, 3, 8, 8)
+    for c in range(3):  # the same jumps, each channel's one pixel further right
+        fringed[:, c, :, 3 + c:] = 1.0
+    assert total_variation(fringed) > 1.5 * total_variation(aligned)  # 3 against sqrt(3) per row
 
 
 @pytest.mark.slow
@@ -176,6 +190,17 @@ def test_drawn_codes_refine_with_sample_tv_and_image_codes_without(run_dir, batc
             plain.decode(codes, tv=bad)
     with pytest.raises(ValueError, match="tv, sample_tv and balance >= 0"):
         check_refine(RefineConfig(sample_tv=-1.0))
+
+
+@pytest.mark.slow
+def test_refine_tv_acts_on_code_decodes_and_not_on_reconstructions(run_dir, batch):
+    images, codes, _ = batch
+    plain, smooth = scatgen.load(run_dir), scatgen.load(run_dir)
+    smooth.cfg = replace(smooth.cfg, refine=replace(smooth.cfg.refine, tv=5.0, steps=10))
+    plain.cfg = replace(plain.cfg, refine=replace(plain.cfg.refine, tv=0.0, steps=10))
+    assert total_variation(smooth.decode(codes)).mean() < total_variation(plain.decode(codes)).mean()
+    # The full S_J x determines a reconstruction's target; TV would only pull it away.
+    assert torch.equal(smooth.reconstruct(images[:2]), plain.reconstruct(images[:2]))
 
 
 @pytest.mark.slow
