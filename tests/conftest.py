@@ -52,3 +52,18 @@ def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trained")
     Trainer(load_config(None, tiny_overrides(tmp)), progress=False).train()
     return tmp / "run"
+
+
+@pytest.fixture(autouse=True)
+def no_thread_governor_across_tests():
+    """A command run in-process (`evaluate`, a budgeted `train`) switches the process-wide thread
+    governor on; without this, it would go on changing torch's thread count in later tests, whose
+    bit-exact comparisons (1 and 2 threads round differently) would then depend on test order."""
+    import torch
+
+    from scatgen import speed
+
+    threads = torch.get_num_threads()
+    yield
+    speed._governor = None
+    torch.set_num_threads(threads)
