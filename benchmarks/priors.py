@@ -7,7 +7,8 @@
     python benchmarks/priors.py runs/polygons --set refine.tv=0.02 --n 200              # another refinement
 
 Rows, all on the first N test images and Inception pool features (k=3 for precision/recall):
-  ceiling          test codes decoded and refined towards all d components: what a perfect prior gives
+  ceiling          test codes decoded and refined towards all d components (with refine.tv): what a
+                   perfect prior gives
   recons refined   test reconstructions refined towards the full S_J x (the FID reference of the targets)
   PRIOR, G / refined   N codes drawn from the prior, decoded by G alone and refined
   PRIOR projection     (latent_flow) test codes through the prior's autoencoder, refined: its own ceiling
@@ -108,7 +109,7 @@ def main() -> None:
         return row
 
     # Drawn codes (samples, the autoencoder's outputs, midpoints) refine with refine.sample_tv, as
-    # Pipeline.sample does; test codes and reconstructions with refine.tv.
+    # Pipeline.sample does; test codes with refine.tv, and reconstructions with none.
     drawn_tv = pipe.cfg.refine.sample_tv
     ceiling_images, seconds = timed(pipe.decode, test_codes, refine=args.refine)
     ceiling = measure("ceiling: test codes, refined", ceiling_images, seconds)
