@@ -168,12 +168,18 @@ def test_tv_regulariser_smooths(pipe, batch):
     assert total_variation(smooth).mean() < total_variation(plain).mean()
 
 
+def plain_and_smooth(run_dir, key):
+    """Two pipelines of the tiny run, refining 10 steps with refine.<key> = 0 and 5."""
+    pipes = scatgen.load(run_dir), scatgen.load(run_dir)
+    for p, weight in zip(pipes, (0.0, 5.0)):
+        p.cfg = replace(p.cfg, refine=replace(p.cfg.refine, steps=10, **{key: weight}))
+    return pipes
+
+
 @pytest.mark.slow
 def test_drawn_codes_refine_with_sample_tv_and_image_codes_without(run_dir, batch):
     images, codes, _ = batch
-    plain, smooth = scatgen.load(run_dir), scatgen.load(run_dir)
-    smooth.cfg = replace(smooth.cfg, refine=replace(smooth.cfg.refine, sample_tv=5.0, steps=10))
-    plain.cfg = replace(plain.cfg, refine=replace(plain.cfg.refine, sample_tv=0.0, steps=10))
+    plain, smooth = plain_and_smooth(run_dir, "sample_tv")
     # Samples, variations and interpolation paths take refine.sample_tv, and come out smoother.
     for draw in (lambda p: p.sample(4, seed=3), lambda p: p.vary(codes[0], 0.5, n=3, seed=1),
                  lambda p: p.interpolate(codes[0], codes[1], steps=3)):
@@ -195,9 +201,7 @@ def test_drawn_codes_refine_with_sample_tv_and_image_codes_without(run_dir, batc
 @pytest.mark.slow
 def test_refine_tv_acts_on_code_decodes_and_not_on_reconstructions(run_dir, batch):
     images, codes, _ = batch
-    plain, smooth = scatgen.load(run_dir), scatgen.load(run_dir)
-    smooth.cfg = replace(smooth.cfg, refine=replace(smooth.cfg.refine, tv=5.0, steps=10))
-    plain.cfg = replace(plain.cfg, refine=replace(plain.cfg.refine, tv=0.0, steps=10))
+    plain, smooth = plain_and_smooth(run_dir, "tv")
     assert total_variation(smooth.decode(codes)).mean() < total_variation(plain.decode(codes)).mean()
     # The full S_J x determines a reconstruction's target; TV would only pull it away.
     assert torch.equal(smooth.reconstruct(images[:2]), plain.reconstruct(images[:2]))
