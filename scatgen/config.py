@@ -152,7 +152,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("constant", "cosine", "linear"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "prior.covariance": ("full", "diag"),
-    "prior.conditioning": ("adaln", "input"),
     "refine.optimizer": ("adam", "lbfgs"),
 }
 
@@ -429,9 +428,9 @@ def check_refine(r: RefineConfig) -> None:
 
 def validate(cfg: Config) -> None:
     """Reject bad values before any work starts."""
-    from scatgen.prior import PRIOR_KINDS
+    from scatgen.prior import PRIOR_KINDS, VELOCITY_FIELDS
 
-    for key, choices in {**CHOICES, "prior.kind": PRIOR_KINDS}.items():
+    for key, choices in {**CHOICES, "prior.kind": PRIOR_KINDS, "prior.conditioning": tuple(VELOCITY_FIELDS)}.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in choices:

@@ -470,7 +470,8 @@ def optimise(parameters: list[nn.Parameter], loss_fn: Callable[[], torch.Tensor]
     parameters end as their exponential moving average (decay ema, warmed up over the first
     steps as (1 + i) / (10 + i)), which is what sampling then uses."""
     opt = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=0.0)
-    averages = [p.detach().clone() for p in parameters] if ema > 0 else []
+    current = [p.detach() for p in parameters]  # views of the parameters, which the steps update in place
+    averages = [p.clone() for p in current] if ema > 0 else []
     budget = StageBudget(steps, seconds)
     with progress_bar(total=steps, desc=desc, disable=not progress, leave=False) as bar:
         while budget.progress() < 1:
@@ -484,16 +485,14 @@ def optimise(parameters: list[nn.Parameter], loss_fn: Callable[[], torch.Tensor]
             opt.step()
             if averages:
                 decay = min(ema, (1 + budget.taken) / (10 + budget.taken))
-                with torch.no_grad():
-                    torch._foreach_lerp_(averages, [p.detach() for p in parameters], 1 - decay)
+                torch._foreach_lerp_(averages, current, 1 - decay)
             work_done()
             budget.taken += 1
             bar.update(1)
             if seconds > 0 and budget.taken % 100 == 0:  # the clock, not the step bound, usually ends the fit
                 bar.set_postfix(min=f"{budget.elapsed() / 60:.1f}/{seconds / 60:.1f}", refresh=False)
-    with torch.no_grad():
-        for p, average in zip(parameters, averages):
-            p.copy_(average)
+    for p, average in zip(current, averages):
+        p.copy_(average)
     return budget.taken
 
 
