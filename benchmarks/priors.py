@@ -120,10 +120,11 @@ def main() -> None:
         codes, seconds = timed(pipe.random_codes, n, seed=args.seed, prior=kind)
         raw, more = timed(pipe.decode, codes, refine=0)
         measure(f"{kind}, G", raw, seconds + more, ceiling, recons, pipe.decode(test_codes, refine=0))
-        refined, more = timed(pipe.decode, codes, refine=args.refine, dims=prior.dims, tv=drawn_tv)
+        refined, more = timed(pipe.decode, codes, refine=args.refine, dims=prior.dims, tv=drawn_tv, surface=kind)
         measure(f"{kind}, refined", refined, seconds + more, ceiling, recons, ceiling_images)
         if prior.kind == "latent_flow":
-            projected, seconds = timed(pipe.decode, prior.project(test_codes), refine=args.refine, tv=drawn_tv)
+            projected, seconds = timed(pipe.decode, prior.project(test_codes), refine=args.refine, tv=drawn_tv,
+                                       surface=kind)
             measure(f"{kind}, test codes through its autoencoder, refined", projected, seconds, ceiling, recons)
     if not args.no_interpolation:
         # Midpoints between test codes i and i + 1; the ends are the ceiling's images.
@@ -131,7 +132,7 @@ def main() -> None:
         paths = ["code"] + (["prior"] if pipe.priors[pipe.default_prior].invertible else [])
         for path in paths:
             mids, seconds = timed(pipe.interpolate_codes, a, b, torch.tensor([0.5]), path=path)
-            images, more = timed(pipe.decode, mids[:, 0], refine=args.refine, tv=drawn_tv)
+            images, more = timed(pipe.decode, mids[:, 0], refine=args.refine, tv=drawn_tv, surface=pipe.default_prior)
             measure(f"interpolation midpoints, path={path} ({pipe.default_prior}), refined", images, seconds + more,
                     ceiling, recons)
 
@@ -141,7 +142,7 @@ def main() -> None:
               "overrides": overrides, "codes": args.codes or None, "seconds": time.perf_counter() - start}
     (find_bundle(args.run).parent / "priors.json").write_text(json.dumps(report, indent=2))
     print(f"\nmachine: {report['machine']}; N={n}, Inception k=3; refine {report['refine_steps']} steps, "
-          f"sample_tv {drawn_tv:g} for drawn codes; "
+          f"sample_tv {drawn_tv:g} and latent_spread {pipe.cfg.refine.latent_spread:g} for drawn codes; "
           f"fit seconds {json.dumps({k: round(v) for k, v in fit_seconds.items()})}; total {report['seconds']:.0f} s")
     print(markdown(rows))
 

@@ -154,7 +154,7 @@ def cmd_sample(pipe, args) -> None:
     chunks = range(0, args.n, SAMPLE_CHUNK)
     for start in progress_bar(chunks, desc="sampling", unit="chunk", disable=len(chunks) < 2, leave=False):
         images = pipe.decode(codes[start:start + SAMPLE_CHUNK], refine=refine, dims=dims,
-                             tv=pipe.cfg.refine.sample_tv)
+                             tv=pipe.cfg.refine.sample_tv, surface=prior)
         shown.append(images[:max(0, GRID_MAX - start)])
         if args.individual:  # named as the grid is, so that runs with other settings never overwrite them
             for i, image in enumerate(images, start):

@@ -111,6 +111,7 @@ class RefineConfig:
     anchor: float = 1.0  # β: keeps the D − d coefficients a code does not fix near G's; 0 = free
     tv: float = 0.0  # colour total-variation weight when refining towards an image's code (decode); reconstructions, which know all of S_J x, take none
     sample_tv: float = 0.0  # the same for codes a prior drew (samples, variations, interpolation paths)
+    latent_spread: float = 0.0  # σ: a drawn code may move along a latent_flow prior's surface, at a cost ‖u − u₀‖²/σ² in its latent; 0 = fixed
     balance: float = 0.5  # reconstructions weigh scattering order m by (E_0/E_m)^balance (E_m: its energy); 0 = plain
     batch_size: int = 64  # images refined at once (results do not depend on it)
 
@@ -418,8 +419,9 @@ def check_refine(r: RefineConfig) -> None:
          f"refine.optimizer must be one of {', '.join(CHOICES['refine.optimizer'])}, got {short_repr(r.optimizer)}"),
         (r.steps >= 0, f"refine.steps={r.steps} must be >= 0 (0 turns refinement off)"),
         (r.batch_size > 0, f"refine.batch_size={r.batch_size} must be > 0"),
-        (all(math.isfinite(v) and v >= 0 for v in (r.lr, r.weighting, r.anchor, r.tv, r.sample_tv, r.balance))
-         and r.lr > 0, "refine.lr must be > 0, and refine.weighting, anchor, tv, sample_tv and balance >= 0 (all finite)"),
+        (all(math.isfinite(v) and v >= 0
+             for v in (r.lr, r.weighting, r.anchor, r.tv, r.sample_tv, r.latent_spread, r.balance)) and r.lr > 0,
+         "refine.lr must be > 0, and refine.weighting, anchor, tv, sample_tv, latent_spread and balance >= 0 (all finite)"),
     ]
     for ok, message in checks:
         if not ok:

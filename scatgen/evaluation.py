@@ -147,7 +147,7 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
         if refine_cfg.steps > 0:
             samples[kind]["refined"], spent = _timed(refine_decodings, pipe.encoder, samples[kind]["raw"], codes,
                                                      replace(refine_cfg, tv=refine_cfg.sample_tv),
-                                                     pipe.priors[kind].dims)
+                                                     pipe.priors[kind].dims, pipe.priors[kind])
             seconds["decode"] += spent
     for kind, images in recons.items():
         p, s = psnr(to_unit(images), to_unit(real)), ssim(to_unit(images), to_unit(real))
@@ -160,7 +160,7 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
     report["refinement"] = {
         "steps": refine_cfg.steps, "optimizer": refine_cfg.optimizer, "lr": refine_cfg.lr,
         "weighting": refine_cfg.weighting, "anchor": refine_cfg.anchor, "tv": refine_cfg.tv,
-        "sample_tv": refine_cfg.sample_tv,
+        "sample_tv": refine_cfg.sample_tv, "latent_spread": refine_cfg.latent_spread,
         "seconds_per_64_reconstructions": 64 * seconds["reconstruct"] / n,
         "seconds_per_64_samples": 64 * seconds["decode"] / (n * len(priors)),
         "device": cpu_or_gpu_name(pipe.device),

@@ -119,13 +119,13 @@ def save_run_pictures(pipe: Pipeline, codes: torch.Tensor, images: torch.Tensor,
     path = pipe.interpolate_codes(codes[0:2 * pairs:2], codes[1:2 * pairs:2], torch.linspace(0, 1, PATH_POINTS),
                                   path=pipe.interpolation_path())
     drawn_tv = pipe.cfg.refine.sample_tv
-    strips = pipe.decode(path.flatten(0, 1), tv=drawn_tv)
+    strips = pipe.decode(path.flatten(0, 1), tv=drawn_tv, surface=pipe.default_prior)
     save_png(enlarge(grid(strips, nrow=PATH_POINTS), factor), folder / "interpolation.png")
     if prior.invertible:
         # Rows: a test image's decoding, then its variations at strength 0.5 (drawn codes).
         varied = codes[:VARIED]
         variations = pipe.decode(torch.cat([prior.vary(code[None].expand(VARIATIONS, -1), 0.5, seed)
-                                            for code in varied]), tv=drawn_tv)
+                                            for code in varied]), tv=drawn_tv, surface=pipe.default_prior)
         rows = torch.cat([pipe.decode(varied)[:, None], variations.unflatten(0, (len(varied), VARIATIONS))], 1)
         save_png(enlarge(grid(rows.flatten(0, 1), nrow=1 + VARIATIONS), factor), folder / "variations.png")
 

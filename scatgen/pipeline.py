@@ -144,11 +144,14 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         return self.encoder.encode(check_images(images, self.image_size), whole_number(batch_size, "batch_size", 1))
 
     def decode(self, codes: torch.Tensor, refine: int | None = None, batch_size: int = 256,
-               dims: int | None = None, tv: float | None = None) -> torch.Tensor:
+               dims: int | None = None, tv: float | None = None, surface: str | None = None) -> torch.Tensor:
         """codes (B, d) → images (B, 3, N, N) in [-1, 1]: G(z), then `refine` steps towards
         the code's coefficients in the whitening's PCA basis (its `dims` leading ones, 0..d; None: all),
         with total variation weighted by `tv` (None: refine.tv; sample, vary and interpolate pass
-        refine.sample_tv, since a drawn code is no image's exact code).
+        refine.sample_tv, since a drawn code is no image's exact code). `surface` names a prior
+        (a kind the bundle holds) along whose surface each code may move while it refines, where
+        refine.latent_spread > 0 and that prior has a latent (latent_flow); sample, vary and
+        interpolate pass their prior. None: the codes are the targets.
 
         Codes of any floating dtype are converted to float32; integer or bool codes and NaN/inf
         are refused. A long decode shows a progress bar on stderr."""
@@ -158,6 +161,7 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         cfg = self.refine_settings(refine)
         if tv is not None:
             cfg = replace(cfg, tv=positive_number(tv, "tv", zero=True))
+        along = None if surface is None else self.prior(surface)
         n = self.image_size
         out = torch.empty(len(codes), 3, n, n)  # filled in place: no second copy of a large batch
         if len(codes) == 0:
@@ -170,7 +174,7 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
                 out[start:start + len(chunk)] = self.generator(chunk)[0].float().cpu()
         if cfg.steps == 0:
             return out
-        return refine_decodings(self.encoder, out, codes, cfg, dims)
+        return refine_decodings(self.encoder, out, codes, cfg, dims, prior=along)
 
     def random_codes(self, n: int, seed: int = 0, temperature: float = 1.0, prior: str | None = None) -> torch.Tensor:
         """n codes from a prior ('normal', or one the bundle holds; None = the default)."""
@@ -183,7 +187,8 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         """n images decoded from the prior's codes (temperature scales its noise). Refinement
         targets the components the prior models; the rest are its noise, not information."""
         codes = self.random_codes(n, seed, temperature, prior)
-        return self.decode(codes, refine=refine, dims=self.prior(prior).dims, tv=self.cfg.refine.sample_tv)
+        return self.decode(codes, refine=refine, dims=self.prior(prior).dims, tv=self.cfg.refine.sample_tv,
+                           surface=prior or self.default_prior)
 
     def reconstruct(self, images: torch.Tensor, refine: int | None = None) -> torch.Tensor:
         """G(L S_J x), then `refine` steps towards the full S_J x (images as for encode)."""
@@ -251,7 +256,8 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         a, b = (check_code_or_image(v, self.d, self.image_size, name) for v, name in ((a, "a"), (b, "b")))
         a, b = (self.encoder.encode(v[None])[0] if v.ndim == 3 else v for v in (a, b))
         codes = self.interpolate_codes(a[None], b[None], torch.linspace(0, 1, steps), path, spherical, prior)[0]
-        return self.decode(codes, refine=refine, dims=dims, tv=self.cfg.refine.sample_tv)
+        return self.decode(codes, refine=refine, dims=dims, tv=self.cfg.refine.sample_tv,
+                           surface=prior or self.default_prior)
 
     def vary(self, image: torch.Tensor, strength: float = 0.5, n: int = 8, seed: int = 0,
              prior: str | None = None, refine: int | None = None) -> torch.Tensor:
@@ -263,7 +269,9 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         image = check_code_or_image(image, self.d, self.image_size, "image")
         code = self.encoder.encode(image[None])[0] if image.ndim == 3 else image
         codes = code_prior.vary(code.float()[None].expand(n, -1), strength, seed)
-        return self.decode(codes, refine=refine, tv=self.cfg.refine.sample_tv if strength > 0 else None)
+        if strength == 0:  # the image's own decoding
+            return self.decode(codes, refine=refine)
+        return self.decode(codes, refine=refine, tv=self.cfg.refine.sample_tv, surface=prior or self.default_prior)
 
     # -- hub-style bundles (huggingface_hub.ModelHubMixin) -------------------------------------------
 

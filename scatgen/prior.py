@@ -51,6 +51,8 @@ from scatgen.speed import work_done
 from scatgen.utils import atomic_path, progress_bar
 
 
+LatentMap = Callable[[torch.Tensor], torch.Tensor]
+
 
 class CodePrior(nn.Module):
     """A distribution over codes (d,) that can be sampled and saved."""
@@ -108,6 +110,11 @@ class CodePrior(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         keep = 1.0 - strength  # a mix that keeps N(0, I) codes N(0, I)
         return keep * codes.float() + math.sqrt(1 - keep**2) * torch.randn(codes.shape, generator=generator)
+
+    def latent_maps(self) -> tuple[LatentMap, LatentMap] | None:
+        """(codes → latents, latents → codes), differentiable, where this prior's codes are a
+        function of a latent (refinement may then move a drawn code along that surface); else None."""
+        return None
 
     def _require_inverse(self) -> None:
         if not self.invertible:
@@ -434,6 +441,10 @@ class LatentFlowPrior(FlowPrior):
 
     def state_to_codes(self, state: torch.Tensor) -> torch.Tensor:
         return self.decoder(state * self.latent_std + self.latent_mean)
+
+    def latent_maps(self) -> tuple[LatentMap, LatentMap]:
+        self.eval()
+        return self.codes_to_state, self.state_to_codes
 
 
 class StageBudget:

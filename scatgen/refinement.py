@@ -22,18 +22,25 @@ depends on its batch. Pixels end in [−1, 1].
 Towards a code, refine.tv (an image's code) or refine.sample_tv (a drawn one) adds τ·TV(x), a
 colour total variation (`total_variation`): where the d components leave an image undetermined,
 it prefers flat regions whose channels jump together over streaks and colour fringes.
+
+A drawn code is no image's code, so its target need not be held fixed: with a `Surface` (a
+latent_flow prior's decoder and refine.latent_spread σ > 0), the target is z + D(u) − D(u₀), with
+u₀ the prior's latent of z and D its decoder, and u is optimised with x at a cost ‖u − u₀‖²/σ².
+The code then moves along the prior's surface, through z, towards one that a clean image can
+realise; at u = u₀ the target is z itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from scatgen.config import RefineConfig, check_refine
 from scatgen.encoder import Encoder
 from scatgen.filter_bank import channel_orders
+from scatgen.prior import CodePrior
 from scatgen.scattering import Scattering
 from scatgen.speed import work_done
 from scatgen.utils import progress_bar
@@ -47,8 +54,33 @@ def _batches(*tensors: torch.Tensor, size: int):
     pairs = list(zip(*(t.split(size) for t in tensors)))
     return progress_bar(pairs, desc="refining", unit="batch", leave=False, delay=PROGRESS_DELAY_S)
 
-# (coeffs of the images idx (n, D), idx (n,) positions in the batch, or None for all) → energy (n,)
-Objective = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+# (coeffs of the images idx (n, D), idx (n,) positions in the batch or None for all, and the
+# shift (n, d) of their target codes or None) → energy (n,)
+Objective = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
+
+
+@dataclass
+class Surface:
+    """A latent prior's surface through each drawn code z: z + D(u) − D(u₀), for latents u.
+
+    states (B, m) are u₀; decode maps latents (n, m) to codes (n, d), differentiably; spread σ
+    prices a move as ‖u − u₀‖²/σ². `descend` leaves the latents it ended at in `moved`."""
+
+    states: torch.Tensor
+    decode: Callable[[torch.Tensor], torch.Tensor]
+    spread: float
+    moved: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        with torch.no_grad():
+            self.base = self.decode(self.states)
+
+    def shift(self, u: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        """How far the targets of the images idx have moved, (n, d), at latents u (n, m)."""
+        return self.decode(u) - _rows(self.base, idx)
+
+    def cost(self, u: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        return (u - _rows(self.states, idx)).square().sum(1) / self.spread**2
 
 
 TV_EPSILON = 0.01  # smooths the TV's kink at a zero gradient, which L-BFGS's curvature pairs need
@@ -72,8 +104,9 @@ def total_variation(images: torch.Tensor) -> torch.Tensor:
 def image_objective(target_coeffs: torch.Tensor, weights: torch.Tensor | None = None) -> Objective:
     """E(x) = Σ w (S_J x − S_J x_t)² for targets (B, D) and weights (B, D) (None: all 1)."""
     if weights is None:
-        return lambda coeffs, idx=None: (coeffs - _rows(target_coeffs, idx)).square().sum(1)
-    return lambda coeffs, idx=None: ((coeffs - _rows(target_coeffs, idx)).square() * _rows(weights, idx)).sum(1)
+        return lambda coeffs, idx=None, shift=None: (coeffs - _rows(target_coeffs, idx)).square().sum(1)
+    return lambda coeffs, idx=None, shift=None: ((coeffs - _rows(target_coeffs, idx)).square()
+                                                 * _rows(weights, idx)).sum(1)
 
 
 def order_balance(scattering: Scattering, target_coeffs: torch.Tensor, balance: float) -> torch.Tensor | None:
@@ -99,7 +132,8 @@ def code_objective(whitening: Whitening, codes: torch.Tensor, start_coeffs: torc
 
     Only the `dims` leading code components are targets (None: all d); the rest, like the
     D − d coefficients outside the code, are anchored to x₀'s. A prior that models the leading
-    components alone fills the others with noise, which is no target for refinement."""
+    components alone fills the others with noise, which is no target for refinement. A shift
+    (n, d) moves the codes of the images evaluated (a `Surface`)."""
     k = whitening.d if dims is None else dims
     U, lam, mu = whitening.basis[:, :k], whitening.eigenvalues[:k], whitening.mean
     weights = lam.pow(-weighting)
@@ -107,10 +141,12 @@ def code_objective(whitening: Whitening, codes: torch.Tensor, start_coeffs: torc
     start_centred = start_coeffs - mu
     start_residual = start_centred - (start_centred @ U) @ U.T
 
-    def energy(coeffs: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+    def energy(coeffs: torch.Tensor, idx: torch.Tensor | None = None,
+               shift: torch.Tensor | None = None) -> torch.Tensor:
         centred = coeffs - mu
         pca = centred @ U
-        e = ((pca - _rows(target, idx)).square() * weights).sum(1)
+        goal = _rows(target, idx) if shift is None else _rows(target, idx) + whitening.coordinates(shift, k)
+        e = ((pca - goal).square() * weights).sum(1)
         if anchor > 0:
             residual = centred - pca @ U.T
             e = e + anchor * (residual - _rows(start_residual, idx)).square().sum(1)
@@ -196,41 +232,57 @@ def lbfgs(x: torch.Tensor, energy_and_grad: Callable[[torch.Tensor, torch.Tensor
 
 
 def descend(scattering: Scattering, start: torch.Tensor, objective: Objective, cfg: RefineConfig,
-            on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Minimise objective(S_J x) (+ tv · TV(x)) over x ∈ [−1, 1]^(3×N×N) from x = start (B, 3, N, N).
+            on_step: Callable[[int, torch.Tensor], None] | None = None,
+            surface: Surface | None = None) -> torch.Tensor:
+    """Minimise objective(S_J x) (+ tv · TV(x)) over x ∈ [−1, 1]^(3×N×N) from x = start (B, 3, N, N);
+    with a `surface`, over x and the codes' latents u together (+ the surface's cost).
 
     `cfg.steps` counts gradient evaluations for both optimisers. on_step(i, x), if given,
     sees the images after i evaluations (benchmarks trace with it)."""
-    def energy(x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+    def energy(x: torch.Tensor, u: torch.Tensor | None, idx: torch.Tensor | None = None) -> torch.Tensor:
         work_done(len(x))  # image evaluations: the thread governor's unit (scatgen.speed)
-        e = objective(scattering(x).reshape(x.shape[0], -1), idx)
+        coeffs = scattering(x).reshape(x.shape[0], -1)
+        if surface is None:
+            e = objective(coeffs, idx)
+        else:
+            e = objective(coeffs, idx, surface.shift(u, idx)) + surface.cost(u, idx)
         return e + cfg.tv * total_variation(x) if cfg.tv > 0 else e
 
     check_refine(cfg)
     x = start.detach().float().clone().clamp_(-1, 1)
+    u = None if surface is None else surface.states.detach().float().clone()
     with torch.enable_grad():
         if cfg.optimizer == "adam":
             x.requires_grad_(True)
-            opt = torch.optim.Adam([x], lr=cfg.lr)
+            params = [x] if u is None else [x, u.requires_grad_(True)]
+            opt = torch.optim.Adam(params, lr=cfg.lr)
             for i in range(cfg.steps):
                 opt.zero_grad(set_to_none=True)
-                energy(x).sum().backward()  # images are independent: the sum's gradient is each one's
+                energy(x, u).sum().backward()  # images are independent: the sum's gradient is each one's
                 opt.step()
                 with torch.no_grad():
                     x.clamp_(-1, 1)
                 if on_step is not None:
                     on_step(i + 1, x.detach())
-        else:  # lbfgs
-            def energy_and_grad(x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                x = x.detach().requires_grad_(True)
-                e = energy(x, idx)
-                (grad,) = torch.autograd.grad(e.sum(), x)
+            u = None if u is None else u.detach()
+        else:  # lbfgs, on each image's pixels and latent as one vector
+            pixels = x[0].numel()
+            as_images = lambda v: v[:, :pixels].reshape(len(v), *x.shape[1:])  # noqa: E731
+
+            def energy_and_grad(v: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                v = v.detach().requires_grad_(True)
+                e = energy(as_images(v), v[:, pixels:], idx)
+                (grad,) = torch.autograd.grad(e.sum(), v)
                 return e.detach(), grad
 
+            v = x.flatten(1) if u is None else torch.cat([x.flatten(1), u], 1)
             # Unconstrained, then clipped: the box is rarely active away from the start's edges.
-            x = lbfgs(x, energy_and_grad, cfg.steps,
-                      on_step=None if on_step is None else lambda i, x: on_step(i, x.clamp(-1, 1)))
-            x.clamp_(-1, 1)
+            v = lbfgs(v, energy_and_grad, cfg.steps,
+                      on_step=None if on_step is None else lambda i, v: on_step(i, as_images(v).clamp(-1, 1)))
+            x = as_images(v).clamp_(-1, 1)
+            u = None if u is None else v[:, pixels:]
+    if surface is not None:
+        surface.moved = u
     return x.detach()
 
 
@@ -255,18 +307,26 @@ def refine_reconstructions(scattering: Scattering, start: torch.Tensor, images: 
 
 
 def refine_decodings(encoder: Encoder, start: torch.Tensor, codes: torch.Tensor, cfg: RefineConfig,
-                     dims: int | None = None) -> torch.Tensor:
+                     dims: int | None = None, prior: CodePrior | None = None) -> torch.Tensor:
     """Refine G(z) = start (B, 3, N, N) so that L S_J x matches the codes z (B, d), or their
-    `dims` leading components."""
+    `dims` leading components. With a prior whose codes are a function of a latent (latent_flow)
+    and cfg.latent_spread > 0, each code may move along the prior's surface (`Surface`)."""
     check_refine(cfg)
     if cfg.steps == 0:
         return start
+    maps = prior.latent_maps() if prior is not None and cfg.latent_spread > 0 else None
     out = []
     for x0, z in _batches(start, codes, size=cfg.batch_size):
-        x0 = x0.to(encoder.device)
+        x0, z = x0.to(encoder.device), z.to(encoder.device)
         with torch.no_grad():
             start_coeffs = encoder.coefficients(x0.float())
-        objective = code_objective(encoder.whitening, z.to(encoder.device), start_coeffs, cfg.weighting, cfg.anchor,
-                                   dims)
-        out.append(descend(encoder.scattering, x0, objective, cfg).cpu())
+        objective = code_objective(encoder.whitening, z, start_coeffs, cfg.weighting, cfg.anchor, dims)
+        surface = None
+        if maps is not None:
+            to_latent, to_codes = maps
+            at = next(prior.parameters()).device
+            with torch.no_grad():
+                states = to_latent(z.to(at)).to(z.device)
+            surface = Surface(states, lambda u: to_codes(u.to(at)).to(u.device), cfg.latent_spread)
+        out.append(descend(encoder.scattering, x0, objective, cfg, surface=surface).cpu())
     return torch.cat(out)

@@ -13,8 +13,14 @@ from scatgen.metrics import psnr
 from scatgen.pictures import to_unit
 from scatgen.filter_bank import channel_orders
 from scatgen.refinement import (
-    code_objective, descend, image_objective, order_balance, refine_decodings, refine_reconstructions,
+    Surface,
     TV_EPSILON,
+    code_objective,
+    descend,
+    image_objective,
+    order_balance,
+    refine_decodings,
+    refine_reconstructions,
     total_variation,
 )
 from scatgen.scattering import Scattering
@@ -194,7 +200,7 @@ def test_drawn_codes_refine_with_sample_tv_and_image_codes_without(run_dir, batc
     for bad in (-0.1, float("nan")):
         with pytest.raises(ValueError, match="tv must be a finite number >= 0"):
             plain.decode(codes, tv=bad)
-    with pytest.raises(ValueError, match="tv, sample_tv and balance >= 0"):
+    with pytest.raises(ValueError, match="tv, sample_tv, latent_spread and balance >= 0"):
         check_refine(RefineConfig(sample_tv=-1.0))
 
 
@@ -240,3 +246,71 @@ def test_a_refined_image_does_not_depend_on_its_batch(pipe, batch, target):
     # Batched arithmetic differs in its last bits, which L-BFGS amplifies a little; a shared budget
     # cost the batched images whole iterations (about 1 dB at 10-15 evaluations).
     assert (together - alone).abs().max() < 0.05
+
+
+def test_a_surface_starts_at_the_drawn_code_and_prices_a_move():
+    decode = nn.Linear(3, 5)
+    states = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    surface = Surface(states, decode, spread=2.0)
+    torch.testing.assert_close(surface.shift(states, None), torch.zeros(4, 5))  # u = u₀: the target is z
+    moved = states[1:3] + 1.0
+    torch.testing.assert_close(surface.shift(moved, torch.tensor([1, 2])), decode(moved) - decode(states[1:3]))
+    torch.testing.assert_close(surface.cost(moved, torch.tensor([1, 2])), torch.full((2,), 3 / 4))
+    assert surface.moved is None  # until a refinement ends
+
+
+@pytest.fixture(scope="module")
+def latent_pipes(run_dir, pipe):
+    """Two pipelines of the tiny run that also hold one small latent_flow prior, refining 10 steps
+    with refine.latent_spread 0 and 2."""
+    from scatgen.config import PriorConfig
+    from scatgen.prior import fit_prior
+
+    images = torch.stack([load_split(pipe, "train")[i] for i in range(64)])
+    cfg = PriorConfig(kind="latent_flow", width=32, depth=1, latent=4, autoencoder_steps=30, fit_steps=30,
+                      sample_steps=4)
+    prior = fit_prior(pipe.encode(images), cfg, eigenvalues=pipe.whitening.eigenvalues)
+    pipes = []
+    for spread in (0.0, 2.0):
+        p = scatgen.load(run_dir)
+        p.priors["latent_flow"] = prior
+        p.cfg = replace(p.cfg, refine=replace(p.cfg.refine, steps=10, latent_spread=spread))
+        pipes.append(p)
+    return pipes
+
+
+@pytest.mark.slow
+def test_drawn_codes_move_along_a_latent_priors_surface(latent_pipes, batch):
+    fixed, moving = latent_pipes
+    _, codes, _ = batch
+    prior = moving.priors["latent_flow"]
+    z = prior.sample(4, seed=2)
+    start = moving.decode(z, refine=0)
+    cfg = moving.refine_settings()
+    with torch.no_grad():
+        objective = code_objective(moving.whitening, z, moving.encoder.coefficients(start), cfg.weighting, cfg.anchor)
+    for optimizer in ("lbfgs", "adam"):
+        surface = Surface(prior.codes_to_state(z).detach(), prior.state_to_codes, cfg.latent_spread)
+        x = descend(moving.scattering, start, objective, replace(cfg, optimizer=optimizer), surface=surface)
+
+        def joint(x, u):
+            with torch.no_grad():
+                coeffs = moving.scattering(x).reshape(len(x), -1)
+                return objective(coeffs, None, surface.shift(u, None)) + surface.cost(u, None)
+
+        # x and the latents descend together, and the latents leave u₀.
+        assert (joint(x, surface.moved) < joint(start, surface.states)).all(), optimizer
+        assert ((surface.moved - surface.states).norm(dim=1) > 1e-3).all(), optimizer
+    # sample, vary and interpolate move along the surface; decode of an image's code does not.
+    draw = {"sample": lambda p: p.sample(3, seed=1, prior="latent_flow"),
+            "vary": lambda p: p.vary(codes[0], 0.5, n=2, prior="latent_flow"),
+            "interpolate": lambda p: p.interpolate(codes[0], codes[1], steps=3, prior="latent_flow")}
+    for name, f in draw.items():
+        assert not torch.allclose(f(moving), f(fixed), atol=1e-3), name
+    assert torch.equal(moving.decode(codes[:2]), fixed.decode(codes[:2]))
+    # A prior without a latent (the run's flow) refines with its codes held, whatever the spread.
+    assert torch.equal(moving.sample(3, seed=1, prior="flow"), fixed.sample(3, seed=1, prior="flow"))
+    with pytest.raises(ValueError, match="no 'gmm' prior in this bundle"):
+        moving.decode(z, surface="gmm")
+    with pytest.raises(ValueError, match="latent_spread and balance >= 0"):
+        check_refine(RefineConfig(latent_spread=-1.0))
