@@ -120,11 +120,10 @@ def main() -> None:
         codes, seconds = timed(pipe.random_codes, n, seed=args.seed, prior=kind)
         raw, more = timed(pipe.decode, codes, refine=0)
         measure(f"{kind}, G", raw, seconds + more, ceiling, recons, pipe.decode(test_codes, refine=0))
-        refined, more = timed(pipe.decode, codes, refine=args.refine, dims=prior.dims, tv=drawn_tv, surface=kind)
+        refined, more = timed(pipe.decode, codes, refine=args.refine, dims=prior.dims, drawn_by=kind)
         measure(f"{kind}, refined", refined, seconds + more, ceiling, recons, ceiling_images)
         if prior.kind == "latent_flow":
-            projected, seconds = timed(pipe.decode, prior.project(test_codes), refine=args.refine, tv=drawn_tv,
-                                       surface=kind)
+            projected, seconds = timed(pipe.decode, prior.project(test_codes), refine=args.refine, drawn_by=kind)
             measure(f"{kind}, test codes through its autoencoder, refined", projected, seconds, ceiling, recons)
     if not args.no_interpolation:
         # Midpoints between test codes i and i + 1; the ends are the ceiling's images.
@@ -132,7 +131,7 @@ def main() -> None:
         paths = ["code"] + (["prior"] if pipe.priors[pipe.default_prior].invertible else [])
         for path in paths:
             mids, seconds = timed(pipe.interpolate_codes, a, b, torch.tensor([0.5]), path=path)
-            images, more = timed(pipe.decode, mids[:, 0], refine=args.refine, tv=drawn_tv, surface=pipe.default_prior)
+            images, more = timed(pipe.decode, mids[:, 0], refine=args.refine, drawn_by=pipe.default_prior)
             measure(f"interpolation midpoints, path={path} ({pipe.default_prior}), refined", images, seconds + more,
                     ceiling, recons)
 

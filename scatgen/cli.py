@@ -144,7 +144,7 @@ def endpoint(pipe, spec: str, data_root: str | None, prior: str | None) -> torch
 def cmd_sample(pipe, args) -> None:
     out = out_dir(args)
     prior = args.prior or pipe.default_prior
-    refine = pipe.refine_settings(args.refine).steps
+    refine = pipe.refine_settings(args.refine, drawn=True).steps
     stem = f"{prior}-refine{refine}-seed{args.seed}-t{args.temperature:g}"
     # All codes at once, so that the images are pipe.sample(n)'s; decoded, refined and written a chunk
     # at a time, so that memory holds one chunk and the grid's first GRID_MAX images.
@@ -153,8 +153,7 @@ def cmd_sample(pipe, args) -> None:
     shown = []
     chunks = range(0, args.n, SAMPLE_CHUNK)
     for start in progress_bar(chunks, desc="sampling", unit="chunk", disable=len(chunks) < 2, leave=False):
-        images = pipe.decode(codes[start:start + SAMPLE_CHUNK], refine=refine, dims=dims,
-                             tv=pipe.cfg.refine.sample_tv, surface=prior)
+        images = pipe.decode(codes[start:start + SAMPLE_CHUNK], refine=refine, dims=dims, drawn_by=prior)
         shown.append(images[:max(0, GRID_MAX - start)])
         if args.individual:  # named as the grid is, so that runs with other settings never overwrite them
             for i, image in enumerate(images, start):

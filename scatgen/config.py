@@ -105,6 +105,7 @@ class PriorConfig:
 @dataclass
 class RefineConfig:
     steps: int = 50  # gradient evaluations on the scattering mismatch; 0 = raw G(z)
+    sample_steps: int = 0  # evaluations for codes a prior drew (samples, variations, interpolation paths); 0 = refine.steps (steps 0: off)
     optimizer: str = "lbfgs"  # lbfgs (per image, Armijo line search) | adam
     lr: float = 0.01  # adam only: step size, in pixels of [-1, 1]
     weighting: float = 0.5  # α: code objective weighs PCA coordinate k by λ_k^-α; 0 = PCA, 1 = whitened
@@ -411,6 +412,12 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
+def drawn_steps(r: RefineConfig) -> int:
+    """Evaluations for codes a prior drew: refine.sample_steps where set, else refine.steps; none
+    when refine.steps is 0, which turns all refinement off."""
+    return r.sample_steps if r.steps > 0 and r.sample_steps > 0 else r.steps
+
+
 def check_refine(r: RefineConfig) -> None:
     """The refine section's checks: validate runs them on a config, refinement on the settings it
     is handed (which a library caller may have built by hand)."""
@@ -418,6 +425,7 @@ def check_refine(r: RefineConfig) -> None:
         (r.optimizer in CHOICES["refine.optimizer"],
          f"refine.optimizer must be one of {', '.join(CHOICES['refine.optimizer'])}, got {short_repr(r.optimizer)}"),
         (r.steps >= 0, f"refine.steps={r.steps} must be >= 0 (0 turns refinement off)"),
+        (r.sample_steps >= 0, f"refine.sample_steps={r.sample_steps} must be >= 0 (0: as refine.steps)"),
         (r.batch_size > 0, f"refine.batch_size={r.batch_size} must be > 0"),
         (all(math.isfinite(v) and v >= 0
              for v in (r.lr, r.weighting, r.anchor, r.tv, r.sample_tv, r.latent_spread, r.balance)) and r.lr > 0,

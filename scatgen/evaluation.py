@@ -107,6 +107,8 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
     reconstructions and for samples of every prior in `priors` (None = all the bundle holds)."""
     start = time.time()
     refine_cfg = pipe.refine_settings(refine)
+    drawn_cfg = pipe.refine_settings(refine, drawn=True)
+    drawn_cfg = replace(drawn_cfg, tv=drawn_cfg.sample_tv)
     # The Inception network first: a wrong path must fail before minutes of reconstruction.
     try:
         net = feature_net if feature_net is not None else load_inception(inception)
@@ -144,10 +146,9 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
     for kind in progress_bar(priors, desc="sampling and refining", disable=not progress, leave=False):
         codes = sample_codes[kind] = pipe.random_codes(n, seed=seed + 1, prior=kind)
         samples[kind] = {"raw": pipe.decode(codes, refine=0)}
-        if refine_cfg.steps > 0:
+        if drawn_cfg.steps > 0:
             samples[kind]["refined"], spent = _timed(refine_decodings, pipe.encoder, samples[kind]["raw"], codes,
-                                                     replace(refine_cfg, tv=refine_cfg.sample_tv),
-                                                     pipe.priors[kind].dims, pipe.priors[kind])
+                                                     drawn_cfg, pipe.priors[kind].dims, pipe.priors[kind])
             seconds["decode"] += spent
     for kind, images in recons.items():
         p, s = psnr(to_unit(images), to_unit(real)), ssim(to_unit(images), to_unit(real))
@@ -160,7 +161,7 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
     report["refinement"] = {
         "steps": refine_cfg.steps, "optimizer": refine_cfg.optimizer, "lr": refine_cfg.lr,
         "weighting": refine_cfg.weighting, "anchor": refine_cfg.anchor, "tv": refine_cfg.tv,
-        "sample_tv": refine_cfg.sample_tv, "latent_spread": refine_cfg.latent_spread,
+        "sample_steps": drawn_cfg.steps, "sample_tv": refine_cfg.sample_tv, "latent_spread": refine_cfg.latent_spread,
         "seconds_per_64_reconstructions": 64 * seconds["reconstruct"] / n,
         "seconds_per_64_samples": 64 * seconds["decode"] / (n * len(priors)),
         "device": cpu_or_gpu_name(pipe.device),
@@ -198,7 +199,7 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
         prior: {kind: {k: v for k, v in memorisation_report(to_unit(images[:m]), to_unit(recons[kind][:m]),
                                                              to_unit(train_images)).items()
                        if not isinstance(v, list)}
-                for kind, images in sets.items()}
+                for kind, images in sets.items() if kind in recons}  # (refine.steps 0, sample_steps > 0)
         for prior, sets in samples.items()}
     report["seconds"] = time.time() - start
     return report

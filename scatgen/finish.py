@@ -14,7 +14,7 @@ import torch
 
 from scatgen.bundle import save_bundle
 from scatgen.checkpoints import RunPaths
-from scatgen.config import Config
+from scatgen.config import Config, drawn_steps
 from scatgen.encoder import Encoder
 from scatgen.generators import Generator
 from scatgen.pictures import refined_picture_count, save_run_pictures
@@ -36,8 +36,9 @@ MIN_PRIOR_SHARE = 0.25  # a run that is far behind still gives the prior this sh
 
 
 def pictures_seconds(generator: Generator, encoder: Encoder, cfg: Config, test_codes: torch.Tensor) -> float:
-    """Seconds that save_run_pictures will take, estimated: the images it refines × refine.steps
-    × the seconds per image and evaluation of a probe (refinement is nearly all of its time)."""
+    """Seconds that save_run_pictures will take, estimated: the images it refines × their steps
+    (refine.steps, or refine.sample_steps for drawn codes) × the seconds per image and evaluation
+    of a probe (refinement is nearly all of its time)."""
     if cfg.refine.steps == 0 or len(test_codes) == 0:
         return 0.0
     pipe = Pipeline(generator, encoder.whitening, cfg, scattering=encoder.scattering, device=encoder.device)
@@ -47,8 +48,8 @@ def pictures_seconds(generator: Generator, encoder: Encoder, cfg: Config, test_c
     pipe.decode(probe, refine=PROBE_STEPS)
     per_evaluation = (time.perf_counter() - tic) / (len(probe) * PROBE_STEPS)
     invertible = PRIORS[cfg.prior.kind].cls.invertible
-    count = refined_picture_count(len(test_codes), 1 + (cfg.prior.kind != "normal"), invertible)
-    return count * cfg.refine.steps * per_evaluation
+    image_codes, drawn = refined_picture_count(len(test_codes), 1 + (cfg.prior.kind != "normal"), invertible)
+    return (image_codes * cfg.refine.steps + drawn * drawn_steps(cfg.refine)) * per_evaluation
 
 
 def prior_minutes(cfg: Config, seconds_left: float, reserve: float) -> tuple[float, str]:

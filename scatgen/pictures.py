@@ -118,21 +118,20 @@ def save_run_pictures(pipe: Pipeline, codes: torch.Tensor, images: torch.Tensor,
     prior = pipe.priors[pipe.default_prior]
     path = pipe.interpolate_codes(codes[0:2 * pairs:2], codes[1:2 * pairs:2], torch.linspace(0, 1, PATH_POINTS),
                                   path=pipe.interpolation_path())
-    drawn_tv = pipe.cfg.refine.sample_tv
-    strips = pipe.decode(path.flatten(0, 1), tv=drawn_tv, surface=pipe.default_prior)
+    strips = pipe.decode(path.flatten(0, 1), drawn_by=pipe.default_prior)
     save_png(enlarge(grid(strips, nrow=PATH_POINTS), factor), folder / "interpolation.png")
     if prior.invertible:
         # Rows: a test image's decoding, then its variations at strength 0.5 (drawn codes).
         varied = codes[:VARIED]
         variations = pipe.decode(torch.cat([prior.vary(code[None].expand(VARIATIONS, -1), 0.5, seed)
-                                            for code in varied]), tv=drawn_tv, surface=pipe.default_prior)
+                                            for code in varied]), drawn_by=pipe.default_prior)
         rows = torch.cat([pipe.decode(varied)[:, None], variations.unflatten(0, (len(varied), VARIATIONS))], 1)
         save_png(enlarge(grid(rows.flatten(0, 1), nrow=1 + VARIATIONS), factor), folder / "variations.png")
 
 
-def refined_picture_count(num_codes: int, num_priors: int, invertible: bool) -> int:
+def refined_picture_count(num_codes: int, num_priors: int, invertible: bool) -> tuple[int, int]:
     """How many images save_run_pictures refines, given its test codes and the priors: what its
-    time is made of."""
+    time is made of. → (towards images and their codes, towards drawn codes)."""
     pairs = min(PAIRS, num_codes // 2)
-    varied = min(VARIED, num_codes) * (1 + VARIATIONS) if invertible else 0
-    return num_codes + SAMPLES + SAMPLES_PER_PRIOR * num_priors + pairs * PATH_POINTS + varied
+    varied = min(VARIED, num_codes) if invertible else 0
+    return num_codes + varied, SAMPLES + SAMPLES_PER_PRIOR * num_priors + pairs * PATH_POINTS + varied * VARIATIONS

@@ -10,7 +10,8 @@ the generator and the refinement.
     variations = pipe.vary(image, strength=0.5, n=8)
     pipe.save_pretrained("my-model")         # a bundle in the layout of huggingface_hub's ModelHubMixin
 
-`refine=None` means the bundle's refine.steps; 0 turns refinement off.
+`refine=None` means the bundle's refine.steps (refine.sample_steps, where set, for codes a prior
+drew: sample, vary, interpolate); 0 turns refinement off.
 
 Pipeline is a huggingface_hub ModelHubMixin: save_pretrained writes the bundle (model.safetensors
 and config.json at the top, as the Hub expects, beside scatgen's own files) and from_pretrained
@@ -31,7 +32,7 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
 from scatgen.checks import (check_code_or_image, check_codes, check_device, check_images, check_dims, check_seed,
                             positive_number, whole_number)
-from scatgen.config import Config, RefineConfig
+from scatgen.config import Config, RefineConfig, drawn_steps
 from scatgen.encoder import Encoder
 from scatgen.generators import Generator
 from scatgen.prior import CodePrior, NormalPrior
@@ -128,9 +129,11 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
     def scattering(self) -> Scattering:
         return self.encoder.scattering
 
-    def refine_settings(self, refine: int | None = None) -> RefineConfig:
-        """The bundle's refine config with `refine` steps (None: its own)."""
-        steps = self.cfg.refine.steps if refine is None else refine
+    def refine_settings(self, refine: int | None = None, drawn: bool = False) -> RefineConfig:
+        """The bundle's refine config with `refine` steps (None: its own refine.steps, or for codes a
+        prior `drawn`, refine.sample_steps where that is set and refine.steps > 0)."""
+        own = drawn_steps(self.cfg.refine) if drawn else self.cfg.refine.steps
+        steps = own if refine is None else refine
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
             raise ValueError(f"refine must be a number of steps >= 0 (0 = off, None = the bundle's "
                              f"{self.cfg.refine.steps}), got {refine!r}")
@@ -144,24 +147,28 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         return self.encoder.encode(check_images(images, self.image_size), whole_number(batch_size, "batch_size", 1))
 
     def decode(self, codes: torch.Tensor, refine: int | None = None, batch_size: int = 256,
-               dims: int | None = None, tv: float | None = None, surface: str | None = None) -> torch.Tensor:
+               dims: int | None = None, tv: float | None = None, drawn_by: str | None = None) -> torch.Tensor:
         """codes (B, d) → images (B, 3, N, N) in [-1, 1]: G(z), then `refine` steps towards
         the code's coefficients in the whitening's PCA basis (its `dims` leading ones, 0..d; None: all),
-        with total variation weighted by `tv` (None: refine.tv; sample, vary and interpolate pass
-        refine.sample_tv, since a drawn code is no image's exact code). `surface` names a prior
-        (a kind the bundle holds) along whose surface each code may move while it refines, where
-        refine.latent_spread > 0 and that prior has a latent (latent_flow); sample, vary and
-        interpolate pass their prior. None: the codes are the targets.
+        with total variation weighted by `tv`.
+
+        `drawn_by` names the prior that drew the codes (a kind the bundle holds; sample, vary and
+        interpolate pass theirs), None an image's code. A drawn code is no image's exact code, so it
+        refines for refine.sample_steps (where set) with refine.sample_tv, and may move along that
+        prior's surface (refine.latent_spread > 0, priors with a latent: latent_flow); an image's
+        code refines for refine.steps with refine.tv. `refine` and `tv` override the steps and TV.
 
         Codes of any floating dtype are converted to float32; integer or bool codes and NaN/inf
         are refused. A long decode shows a progress bar on stderr."""
         codes = check_codes(codes, self.d)
         dims = check_dims(dims, self.d)
         batch_size = whole_number(batch_size, "batch_size", 1)
-        cfg = self.refine_settings(refine)
+        along = None if drawn_by is None else self.prior(drawn_by)
+        cfg = self.refine_settings(refine, drawn=along is not None)
         if tv is not None:
             cfg = replace(cfg, tv=positive_number(tv, "tv", zero=True))
-        along = None if surface is None else self.prior(surface)
+        elif along is not None:
+            cfg = replace(cfg, tv=cfg.sample_tv)
         n = self.image_size
         out = torch.empty(len(codes), 3, n, n)  # filled in place: no second copy of a large batch
         if len(codes) == 0:
@@ -187,8 +194,7 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         """n images decoded from the prior's codes (temperature scales its noise). Refinement
         targets the components the prior models; the rest are its noise, not information."""
         codes = self.random_codes(n, seed, temperature, prior)
-        return self.decode(codes, refine=refine, dims=self.prior(prior).dims, tv=self.cfg.refine.sample_tv,
-                           surface=prior or self.default_prior)
+        return self.decode(codes, refine=refine, dims=self.prior(prior).dims, drawn_by=prior or self.default_prior)
 
     def reconstruct(self, images: torch.Tensor, refine: int | None = None) -> torch.Tensor:
         """G(L S_J x), then `refine` steps towards the full S_J x (images as for encode)."""
@@ -256,8 +262,7 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         a, b = (check_code_or_image(v, self.d, self.image_size, name) for v, name in ((a, "a"), (b, "b")))
         a, b = (self.encoder.encode(v[None])[0] if v.ndim == 3 else v for v in (a, b))
         codes = self.interpolate_codes(a[None], b[None], torch.linspace(0, 1, steps), path, spherical, prior)[0]
-        return self.decode(codes, refine=refine, dims=dims, tv=self.cfg.refine.sample_tv,
-                           surface=prior or self.default_prior)
+        return self.decode(codes, refine=refine, dims=dims, drawn_by=prior or self.default_prior)
 
     def vary(self, image: torch.Tensor, strength: float = 0.5, n: int = 8, seed: int = 0,
              prior: str | None = None, refine: int | None = None) -> torch.Tensor:
@@ -271,7 +276,7 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         codes = code_prior.vary(code.float()[None].expand(n, -1), strength, seed)
         if strength == 0:  # the image's own decoding
             return self.decode(codes, refine=refine)
-        return self.decode(codes, refine=refine, tv=self.cfg.refine.sample_tv, surface=prior or self.default_prior)
+        return self.decode(codes, refine=refine, drawn_by=prior or self.default_prior)
 
     # -- hub-style bundles (huggingface_hub.ModelHubMixin) -------------------------------------------
 

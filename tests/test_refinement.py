@@ -311,6 +311,24 @@ def test_drawn_codes_move_along_a_latent_priors_surface(latent_pipes, batch):
     # A prior without a latent (the run's flow) refines with its codes held, whatever the spread.
     assert torch.equal(moving.sample(3, seed=1, prior="flow"), fixed.sample(3, seed=1, prior="flow"))
     with pytest.raises(ValueError, match="no 'gmm' prior in this bundle"):
-        moving.decode(z, surface="gmm")
+        moving.decode(z, drawn_by="gmm")
     with pytest.raises(ValueError, match="latent_spread and balance >= 0"):
         check_refine(RefineConfig(latent_spread=-1.0))
+
+
+@pytest.mark.slow
+def test_drawn_codes_take_sample_steps_and_image_codes_steps(run_dir, batch):
+    _, codes, _ = batch
+    split, same = scatgen.load(run_dir), scatgen.load(run_dir)
+    split.cfg = replace(split.cfg, refine=replace(split.cfg.refine, steps=2, sample_steps=6))
+    same.cfg = replace(same.cfg, refine=replace(same.cfg.refine, steps=6, sample_steps=0))  # 0: as refine.steps
+    assert (split.refine_settings().steps, split.refine_settings(drawn=True).steps) == (2, 6)
+    assert split.refine_settings(4, drawn=True).steps == 4  # an explicit refine= wins
+    assert torch.equal(split.sample(3, seed=1), same.sample(3, seed=1))
+    assert torch.equal(split.vary(codes[0], 0.5, n=2), same.vary(codes[0], 0.5, n=2))
+    assert not torch.allclose(split.decode(codes[:2]), same.decode(codes[:2]), atol=1e-4)
+    off = scatgen.load(run_dir)  # refine.steps 0 turns refinement off for drawn codes too
+    off.cfg = replace(off.cfg, refine=replace(off.cfg.refine, steps=0, sample_steps=6))
+    assert off.refine_settings(drawn=True).steps == 0
+    with pytest.raises(ValueError, match="refine.sample_steps=-1 must be >= 0"):
+        check_refine(RefineConfig(sample_steps=-1))
