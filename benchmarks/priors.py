@@ -108,8 +108,9 @@ def main() -> None:
         print(format_row(row), flush=True)
         return row
 
-    # Drawn codes (samples, the autoencoder's outputs, midpoints) refine with refine.sample_tv, as
-    # Pipeline.sample does; test codes with refine.tv, and reconstructions with none.
+    # Drawn codes (samples, the autoencoder's outputs, midpoints) refine as Pipeline.sample does
+    # (refine.sample_steps, sample_tv, along the prior's surface); test codes with refine.tv, and
+    # reconstructions with none.
     drawn_tv = pipe.cfg.refine.sample_tv
     ceiling_images, seconds = timed(pipe.decode, test_codes, refine=args.refine)
     ceiling = measure("ceiling: test codes, refined", ceiling_images, seconds)
@@ -138,10 +139,12 @@ def main() -> None:
     report = {"run": args.run, "n": n, "machine": cpu_or_gpu_name(pipe.device), "fit_seconds": fit_seconds,
               "settings": {k: pipe.priors[k].settings() for k in kinds}, "rows": rows,
               "refine_steps": pipe.refine_settings(args.refine).steps,
+              "drawn_refine_steps": pipe.refine_settings(args.refine, drawn=True).steps,
               "overrides": overrides, "codes": args.codes or None, "seconds": time.perf_counter() - start}
     (find_bundle(args.run).parent / "priors.json").write_text(json.dumps(report, indent=2))
-    print(f"\nmachine: {report['machine']}; N={n}, Inception k=3; refine {report['refine_steps']} steps, "
-          f"sample_tv {drawn_tv:g} and latent_spread {pipe.cfg.refine.latent_spread:g} for drawn codes; "
+    print(f"\nmachine: {report['machine']}; N={n}, Inception k=3; refine {report['refine_steps']} steps, and for "
+          f"drawn codes {report['drawn_refine_steps']} with sample_tv {drawn_tv:g} and latent_spread "
+          f"{pipe.cfg.refine.latent_spread:g}; "
           f"fit seconds {json.dumps({k: round(v) for k, v in fit_seconds.items()})}; total {report['seconds']:.0f} s")
     print(markdown(rows))
 
