@@ -19,7 +19,7 @@ def tiny_overrides(tmp_path: Path, **extra) -> dict[str, str]:
         "train.checkpoint_every": "6", "train.keep_checkpoints": "3", "train.grid_size": "8",
         "prior.fit_steps": "40", "prior.width": "64", "prior.depth": "1", "prior.sample_steps": "4",
         "prior.latent": "8", "prior.autoencoder_steps": "40",
-        "refine.steps": "3",
+        "refine.steps": "3", "refine.sample_steps": "0",  # 0: as refine.steps (the polygons config sets 100)
         "run.out_dir": str(tmp_path / "run"), "run.cache_dir": str(tmp_path / "cache"),
     }
     cfg.update({k.replace("__", "."): str(v) for k, v in extra.items()})
