@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +106,7 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
     reconstructions and for samples of every prior in `priors` (None = all the bundle holds)."""
     start = time.time()
     refine_cfg = pipe.refine_settings(refine)
-    drawn_cfg = pipe.refine_settings(refine, drawn=True)
-    drawn_cfg = replace(drawn_cfg, tv=drawn_cfg.sample_tv)
+    drawn_cfg = pipe.refine_settings(refine, drawn=True)  # steps and TV of codes a prior drew
     # The Inception network first: a wrong path must fail before minutes of reconstruction.
     try:
         net = feature_net if feature_net is not None else load_inception(inception)

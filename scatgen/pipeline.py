@@ -130,14 +130,16 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         return self.encoder.scattering
 
     def refine_settings(self, refine: int | None = None, drawn: bool = False) -> RefineConfig:
-        """The bundle's refine config with `refine` steps (None: its own refine.steps, or for codes a
-        prior `drawn`, refine.sample_steps where that is set and refine.steps > 0)."""
+        """The bundle's refine config with `refine` steps (None: its own refine.steps). For codes a
+        prior `drawn`: refine.sample_steps where that is set and refine.steps > 0, and the TV weight
+        refine.sample_tv in place of refine.tv."""
         own = drawn_steps(self.cfg.refine) if drawn else self.cfg.refine.steps
         steps = own if refine is None else refine
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
             raise ValueError(f"refine must be a number of steps >= 0 (0 = off, None = the bundle's "
                              f"{self.cfg.refine.steps}), got {refine!r}")
-        return replace(self.cfg.refine, steps=int(steps))
+        tv = self.cfg.refine.sample_tv if drawn else self.cfg.refine.tv
+        return replace(self.cfg.refine, steps=int(steps), tv=tv)
 
     def encode(self, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
         """images (B, 3, N, N) in [-1, 1] → codes (B, d) = L (S_J x − μ).
@@ -167,8 +169,6 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         cfg = self.refine_settings(refine, drawn=along is not None)
         if tv is not None:
             cfg = replace(cfg, tv=positive_number(tv, "tv", zero=True))
-        elif along is not None:
-            cfg = replace(cfg, tv=cfg.sample_tv)
         n = self.image_size
         out = torch.empty(len(codes), 3, n, n)  # filled in place: no second copy of a large batch
         if len(codes) == 0:

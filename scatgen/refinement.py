@@ -315,6 +315,7 @@ def refine_decodings(encoder: Encoder, start: torch.Tensor, codes: torch.Tensor,
     if cfg.steps == 0:
         return start
     maps = prior.latent_maps() if prior is not None and cfg.latent_spread > 0 else None
+    at = None if maps is None else next(prior.parameters()).device  # where the prior's decoder runs
     out = []
     for x0, z in _batches(start, codes, size=cfg.batch_size):
         x0, z = x0.to(encoder.device), z.to(encoder.device)
@@ -324,7 +325,6 @@ def refine_decodings(encoder: Encoder, start: torch.Tensor, codes: torch.Tensor,
         surface = None
         if maps is not None:
             to_latent, to_codes = maps
-            at = next(prior.parameters()).device
             with torch.no_grad():
                 states = to_latent(z.to(at)).to(z.device)
             surface = Surface(states, lambda u: to_codes(u.to(at)).to(u.device), cfg.latent_spread)
