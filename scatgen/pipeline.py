@@ -220,8 +220,10 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
 
         path='code' is the straight line in code space (slerp with `spherical`); path='prior'
         carries both ends to the prior's noise, interpolates there (slerp: noise concentrates on a
-        sphere) and carries each point back; the ends' residuals (what the prior does not
-        reproduce of them) are blended linearly, so that t = 0 and t = 1 return a and b."""
+        sphere) and carries each point back. Each end's residual (what the prior does not
+        reproduce of it) is added with weight (1 − t)² for a and t² for b: t = 0 and t = 1 return
+        a and b, and mid-path the two ends' details, which a linear blend lays over each other at
+        half strength (ghosts), are down to a quarter each."""
         if path not in ("code", "prior"):
             raise ValueError(f"path must be 'code' (a straight line between codes) or 'prior' (through the "
                              f"prior's noise), got {path!r}")
@@ -236,7 +238,8 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         code_prior = self.prior(prior)
         (noise_a, rest_a), (noise_b, rest_b) = code_prior.to_noise(a), code_prior.to_noise(b)
         noise = torch.stack([slerp(u, v, t) for u, v in zip(noise_a, noise_b)])  # (n, K, m)
-        rest = torch.stack([lerp(u, v, t) for u, v in zip(rest_a, rest_b)])  # (n, K, d)
+        fade_a, fade_b = (1 - t).square()[:, None], t.square()[:, None]  # (K, 1)
+        rest = fade_a * rest_a[:, None] + fade_b * rest_b[:, None]  # (n, K, d)
         codes = code_prior.from_noise(noise.flatten(0, 1)).reshape(len(a), len(t), -1)
         return codes + rest
 

@@ -6,7 +6,7 @@ import torch
 import scatgen
 from scatgen.bundle import load_bundle, save_bundle
 from scatgen.config import PriorConfig
-from scatgen.pipeline import Pipeline
+from scatgen.pipeline import Pipeline, slerp
 from scatgen.prior import (AdaLNVelocityField, FlowPrior, StageBudget, fit_gmm, fit_prior, integrate, load_prior,
                            save_prior)
 
@@ -184,6 +184,27 @@ def test_pipeline_vary_and_interpolate_through_the_prior(run_dir):
         pipe.vary(code[0], -1.0)
     with pytest.raises(ValueError, match="number of variations"):
         pipe.vary(code[0], 0.5, n=0)
+
+
+@pytest.mark.slow
+def test_interpolation_through_the_prior_fades_each_ends_residual(run_dir):
+    generator, whitening, cfg = load_bundle(run_dir)
+    codes = torch.randn(64, whitening.d, generator=torch.Generator().manual_seed(0))
+    # A flow on the 4 leading components: the other d − 4 of a code are its residual.
+    prior = fit_prior(codes, PriorConfig(kind="flow", dims=4, width=32, depth=1, fit_steps=20))
+    pipe = Pipeline(generator, whitening, cfg, priors={"flow": prior})
+    a, b = codes[:1], codes[1:2]
+    (noise_a, rest_a), (noise_b, rest_b) = prior.to_noise(a), prior.to_noise(b)
+    assert rest_a.norm() > 0.5 * a.norm()  # a real residual, which a linear blend would carry mid-path
+    t = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
+    path = pipe.interpolate_codes(a, b, t, path="prior")[0]
+    drawn = prior.from_noise(slerp(noise_a[0], noise_b[0], t))  # the prior's own codes along the path
+    torch.testing.assert_close(path[[0, -1]], torch.cat([a, b]), atol=1e-4, rtol=1e-4)
+    # Weights (1 − t)² and t²: a quarter of each end's details mid-path, not the half of a blend.
+    for i, w in enumerate(t.tolist()):
+        expected = drawn[i] + (1 - w) ** 2 * rest_a[0] + w**2 * rest_b[0]
+        torch.testing.assert_close(path[i], expected, atol=1e-4, rtol=1e-4)
+    assert (path[2] - drawn[2]).norm() < 0.6 * (0.5 * (rest_a + rest_b)).norm()
 
 
 def pipe_test_images(pipe, n):
