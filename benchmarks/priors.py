@@ -16,7 +16,8 @@ Rows, all on the first N test images and Inception pool features (k=3 for precis
 Each sample row carries its precision as a ratio of the ceiling's, FID as a ratio of the refined
 reconstructions', and the memorisation check: the median pixel distance of samples to their
 nearest train image over that of the ceiling images (made the same way), and the share of
-samples closer to the train set than 99% of the ceiling images are (near-copies).
+samples closer to the train set than 99% of the ceiling images are (near-copies); RUN/priors-closest-ROW.png
+shows the 16 closest pairs (sample, its nearest train image), ×4, to tell copies from shared backgrounds.
 
 --fit fits priors on the run's train codes (timed) and adds them to the bundle; without it the
 bundle's priors are measured. --codes N fits them on the first N train images' codes instead (for
@@ -26,12 +27,15 @@ prior.* (for --fit) and refine.* overrides (for every row, the ceiling's too). P
 
 import argparse
 import json
+import re
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torchvision.utils import save_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -89,6 +93,7 @@ def main() -> None:
         return compute_features(net, to_unit(images), batch_size=64)
 
     real_feats = features(real)
+    out_dir = find_bundle(args.run).parent
     rows: list[dict] = []
 
     def measure(name: str, images: torch.Tensor, seconds: float, ceiling: dict | None = None,
@@ -104,6 +109,13 @@ def main() -> None:
             memo = memorisation_report(to_unit(images), to_unit(same_way), to_unit(train))
             row["memorisation_ratio"] = memo["ratio_median"]
             row["near_copies"] = memo["frac_possible_copies"]
+            # The pairs the check ranks closest, to look at: copies, or only a shared background?
+            pairs = torch.stack([torch.stack([images[i], train[j]]) for i, j in
+                                 zip(memo["closest_sample_indices"], memo["closest_train_indices"])]).flatten(0, 1)
+            slug = re.sub(r"[^A-Za-z0-9_]+", "-", name).strip("-")
+            picture = out_dir / f"priors-closest-{slug}.png"
+            save_image(F.interpolate(to_unit(pairs), scale_factor=4), picture, nrow=8, padding=2)
+            row["closest_pairs"] = str(picture)
         rows.append(row)
         print(format_row(row), flush=True)
         return row
@@ -141,7 +153,7 @@ def main() -> None:
               "refine_steps": pipe.refine_settings(args.refine).steps,
               "drawn_refine_steps": pipe.refine_settings(args.refine, drawn=True).steps,
               "overrides": overrides, "codes": args.codes or None, "seconds": time.perf_counter() - start}
-    (find_bundle(args.run).parent / "priors.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "priors.json").write_text(json.dumps(report, indent=2))
     print(f"\nmachine: {report['machine']}; N={n}, Inception k=3; refine {report['refine_steps']} steps, and for "
           f"drawn codes {report['drawn_refine_steps']} with sample_tv {drawn_tv:g} and latent_spread "
           f"{pipe.cfg.refine.latent_spread:g}; "
