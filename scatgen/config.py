@@ -99,6 +99,7 @@ class PriorConfig:
     latent: int = 32  # latent_flow: size of the autoencoder's latent that the flow models
     autoencoder_steps: int = 3000  # latent_flow: optimizer steps of the autoencoder (the flow then takes fit_steps)
     code_weighting: float = 0.25  # latent_flow: γ ≥ 0, the autoencoder's squared error weighs code component k by λ_k^γ (mean 1); 0 = plain whitened error
+    latent_noise: float = 0.1  # latent_flow: noise on the latents while the autoencoder trains, in units of their spread; 0 = none
     max_minutes: float = 0.0  # flow, latent_flow: wall-clock budget of the fit, shared by the stages in proportion to their steps; 0 = steps only
 
 
@@ -496,6 +497,8 @@ def validate(cfg: Config) -> None:
          f"prior.max_minutes={p.max_minutes} must be a finite number >= 0 (0 = no time limit)"),
         (math.isfinite(p.code_weighting) and 0 <= p.code_weighting <= 2,
          f"prior.code_weighting={p.code_weighting} must be a number in [0, 2] (0 = plain whitened error)"),
+        (math.isfinite(p.latent_noise) and 0 <= p.latent_noise <= 1,
+         f"prior.latent_noise={p.latent_noise} must be a number in [0, 1] (the latents' spread; 0 = none)"),
         (p.dims >= 0, f"prior.dims={p.dims} must be >= 0 (0, or more than whitening.d, models all components)"),
         (math.isfinite(p.ema) and 0 <= p.ema < 1, f"prior.ema={p.ema} must be in [0, 1) (0 = no moving average)"),
         (math.isfinite(cfg.run.max_minutes) and cfg.run.max_minutes >= 0,

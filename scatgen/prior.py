@@ -540,12 +540,6 @@ def fit_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device: torch
     return prior.cpu().eval()
 
 
-# Latent noise while the autoencoder trains, in units of the latent's own spread: the decoder must
-# map a neighbourhood of each latent to nearby codes, so that the flow's imperfect latents still
-# decode onto the code surface.
-LATENT_NOISE = 0.1
-
-
 def code_weights(eigenvalues: torch.Tensor | None, gamma: float, d: int) -> torch.Tensor:
     """Per-component loss weights (d,): λ_k^γ / mean(λ^γ) for the eigenvalues (d,); ones where γ = 0."""
     if gamma == 0:
@@ -565,7 +559,7 @@ def fit_latent_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device
                     progress: bool = False, eigenvalues: torch.Tensor | None = None) -> LatentFlowPrior:
     """Two stages on codes (n, d): an autoencoder d → cfg.latent → d (cfg.autoencoder_steps of
     Adam on the squared error weighted by code_weights(eigenvalues, cfg.code_weighting), with
-    noise on the latents), then flow matching on its standardised latents (cfg.fit_steps)."""
+    cfg.latent_noise on the latents), then flow matching on its standardised latents (cfg.fit_steps)."""
     n, d = codes.shape
     weights = code_weights(eigenvalues, cfg.code_weighting, d).to(device)
     generator = torch.Generator().manual_seed(seed)
@@ -581,7 +575,9 @@ def fit_latent_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device
         # The spread is measured on the batch and held constant: the encoder cannot escape the
         # noise by growing its latents.
         spread = latent.detach().std(0, keepdim=True).clamp_min(1e-6)
-        noisy = latent + LATENT_NOISE * spread * torch.randn(latent.shape, generator=generator).to(device)
+        # prior.latent_noise: the decoder learns to map a neighbourhood of each latent to nearby
+        # codes, so that the flow's imperfect latents still decode onto the code surface.
+        noisy = latent + cfg.latent_noise * spread * torch.randn(latent.shape, generator=generator).to(device)
         return ((prior.decoder(noisy) - z).square() * weights).mean()
 
     prior.train()

@@ -25,6 +25,8 @@ def test_bad_values_are_rejected():
         load_config(None, {"train.batch_size": "many"})
     with pytest.raises(ValueError, match=r"prior.code_weighting=-1.0 must be a number in \[0, 2\]"):
         load_config(None, {"prior.code_weighting": "-1"})
+    with pytest.raises(ValueError, match=r"prior.latent_noise=2.0 must be a number in \[0, 1\]"):
+        load_config(None, {"prior.latent_noise": "2"})
     with pytest.raises(ValueError, match="expected one of l1, l2"):
         load_config(None, {"train.loss": "huber"})
     with pytest.raises(ValueError, match="multiple of 2\\^J"):
