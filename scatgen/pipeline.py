@@ -256,7 +256,7 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         """Decode `steps` codes from a to b (each (d,), or an image (3, N, N) to encode first)
         along `path` (see interpolate_codes); `dims` as in decode (the prior's modelled components
         when an end is a prior's draw). path=None goes through the prior where it is invertible
-        (its midpoints measured 3× the straight line's precision on polygons, benchmarks/README.md)
+        (its midpoints measured 2.7× the straight line's precision on polygons, benchmarks/README.md)
         and along the straight line otherwise, or with `spherical`."""
         steps = whole_number(steps, "steps (images along the path, both ends included)", 2)
         path = self.interpolation_path(path, spherical, prior)
