@@ -94,9 +94,11 @@ class PriorConfig:
     batch_size: int = 256  # flow: codes per step
     lr: float = 1e-3  # flow: AdamW learning rate, cosine-decayed
     sample_steps: int = 32  # flow: Heun steps from noise to code
+    sde_noise: float = 0.0  # flow: s >= 0, samples follow an SDE with g² = s(1 − t) on the ODE's marginals; 0 = the ODE (interpolation and variations always use it)
     conditioning: str = "input"  # flow: how the velocity MLP sees the time: input (concatenated once) | adaln (modulates every block)
     ema: float = 0.0  # flow: decay of the weights' moving average that sampling uses; 0 = the last weights
     latent: int = 32  # latent_flow: size of the autoencoder's latent that the flow models
+    autoencoder_width: int = 0  # latent_flow: hidden width of the autoencoder; 0 = prior.width (the flow's)
     autoencoder_steps: int = 3000  # latent_flow: optimizer steps of the autoencoder (the flow then takes fit_steps)
     code_weighting: float = 0.25  # latent_flow: γ ≥ 0, the autoencoder's squared error weighs code component k by λ_k^γ (mean 1); 0 = plain whitened error
     latent_noise: float = 0.1  # latent_flow: noise on the latents while the autoencoder trains, in units of their spread; 0 = none
@@ -490,6 +492,9 @@ def validate(cfg: Config) -> None:
              p.autoencoder_steps) > 0,
          "prior.components, width, depth, fit_steps, batch_size, sample_steps, latent and autoencoder_steps "
          "must be > 0"),
+        (math.isfinite(p.sde_noise) and p.sde_noise >= 0,
+         f"prior.sde_noise={p.sde_noise} must be a finite number >= 0 (0 = the ODE sampler)"),
+        (p.autoencoder_width >= 0, f"prior.autoencoder_width={p.autoencoder_width} must be >= 0 (0 = prior.width)"),
         (p.kind != "latent_flow" or p.latent < w.d,
          f"prior.latent={p.latent} must be below whitening.d={w.d}: the latent compresses the codes"),
         (math.isfinite(p.lr) and p.lr > 0, f"prior.lr={p.lr} must be a finite number > 0"),

@@ -11,7 +11,9 @@ codes to blobs. A density fitted ex post to the train codes keeps samples on the
                  y_t = (1 − t) ε + t y; sampling integrates dy/dt = v with Heun's method.
                  The MLP sees t at its input (prior.conditioning=input) or in every block
                  through adaLN (adaln); prior.ema samples with the weights' moving average
-    latent_flow  two stages: an autoencoder d → k → d on the codes, and a flow on its k-d latent
+    latent_flow  two stages: an autoencoder d → k → d on the codes, and a flow on its k-d latent;
+                 each has its own width (prior.autoencoder_width, prior.width): the flow's
+                 inputs are k-d, so a narrower one buys it more steps in the same minutes
 
 gmm and flow model the `dims` leading components and draw the rest from N(0, I). latent_flow
 draws all d: refinement sharpens a sample only towards a code that some image has, in every
@@ -25,9 +27,11 @@ Flows are invertible: `to_noise` carries codes to the noise the discrete sampler
 (solving each Heun step backwards), `from_noise` carries it back, and what the prior cannot
 reproduce of a code is returned as a residual, so the round trip is exact. `vary` mixes a code's
 state with fresh noise part of the way and integrates back. `temperature` scales the starting
-noise. A fit stops at its steps or at prior.max_minutes (shared by its stages in proportion to
-their steps), whichever comes first, and its learning rate decays over the same. A prior is saved
-as safetensors with its settings as JSON metadata; nothing is pickled.
+noise. prior.sde_noise > 0 draws samples along an SDE with the ODE's marginals, whose noise
+corrects the field's errors on the way (benchmarks/README.md). A fit stops at its steps or at
+prior.max_minutes (shared by its stages in proportion to their steps), whichever comes first,
+and its learning rate decays over the same. A prior is saved as safetensors with its settings
+as JSON metadata; nothing is pickled.
 """
 
 from __future__ import annotations
@@ -332,19 +336,42 @@ def invert(velocity: nn.Module, y: torch.Tensor, t0: float, t1: float, steps: in
     return y
 
 
+@torch.no_grad()
+def integrate_sde(velocity: nn.Module, y: torch.Tensor, steps: int, noise: float,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Euler–Maruyama from t = 0 to 1 for dy = (v + ½ g² ∇log p_t) dt + g dW with g² = noise · (1 − t):
+    the same marginals p_t as dy/dt = v, the score read off the field as −(y − t v) / (1 − t).
+    The injected noise lets later steps correct where the field has carried a path wrong, which
+    the ODE carries to the end. The last step adds none. Noise is drawn on CPU from `generator`."""
+    dt = 1.0 / steps
+    for i in range(steps):
+        t = i * dt
+        v = velocity(y, torch.full((len(y),), t, device=y.device))
+        if i == steps - 1:
+            return y + dt * v
+        kick = torch.randn(y.shape, generator=generator).to(y.device)
+        y = y + dt * (v - 0.5 * noise * (y - t * v)) + math.sqrt(noise * (1 - t) * dt) * kick
+    return y
+
+
 class FlowPrior(CodePrior):
     """Codes from noise by integrating a learned velocity field from t = 0 (noise) to 1 (data).
 
     The flow acts on a state y (n, m) that stands for the codes: here the `dims` leading
     components. An ODE is invertible, so a code maps to its noise and back (`to_noise`,
-    `from_noise`), which interpolation and variations use."""
+    `from_noise`), which interpolation and variations use. With sde_noise > 0, `sample` follows
+    an SDE on the same marginals instead (integrate_sde, 2 × sample_steps evaluations as Heun
+    takes); the maps between codes and noise stay the ODE's."""
 
     kind = "flow"
     invertible = True
 
     def __init__(self, d: int, width: int = 512, depth: int = 3, sample_steps: int = 32, dims: int = 0,
-                 conditioning: str = "input") -> None:
+                 conditioning: str = "input", sde_noise: float = 0.0) -> None:
         super().__init__(d, dims)
+        if not (math.isfinite(sde_noise) and sde_noise >= 0):
+            raise ValueError(f"sde_noise must be a finite number >= 0 (0 = the ODE), got {sde_noise}")
+        self.sde_noise = sde_noise
         if conditioning not in VELOCITY_FIELDS:
             raise ValueError(f"unknown velocity conditioning {conditioning!r}; expected one of "
                              f"{', '.join(VELOCITY_FIELDS)}")
@@ -357,7 +384,7 @@ class FlowPrior(CodePrior):
 
     def settings(self) -> dict[str, Any]:
         return {"d": self.d, "dims": self.dims, "width": self.width, "depth": self.depth,
-                "sample_steps": self.sample_steps, "conditioning": self.conditioning}
+                "sample_steps": self.sample_steps, "conditioning": self.conditioning, "sde_noise": self.sde_noise}
 
     def codes_to_state(self, codes: torch.Tensor) -> torch.Tensor:
         return codes[:, :self.dims]
@@ -371,7 +398,11 @@ class FlowPrior(CodePrior):
 
     def _sample(self, n: int, generator: torch.Generator, temperature: float) -> torch.Tensor:
         noise = temperature * torch.randn(n, self.state_dims, generator=generator)
-        return self._from_noise(noise)[:, :self.dims]
+        if self.sde_noise == 0:
+            return self._from_noise(noise)[:, :self.dims]
+        self.eval()
+        state = integrate_sde(self.velocity, noise.to(self._device()), 2 * self.sample_steps, self.sde_noise, generator)
+        return self.state_to_codes(state).cpu()[:, :self.dims]
 
     @torch.no_grad()
     def _from_noise(self, noise: torch.Tensor) -> torch.Tensor:
@@ -420,11 +451,13 @@ class LatentFlowPrior(FlowPrior):
     kind = "latent_flow"
 
     def __init__(self, d: int, latent: int = 32, width: int = 512, depth: int = 3, sample_steps: int = 32,
-                 conditioning: str = "input") -> None:
+                 conditioning: str = "input", autoencoder_width: int = 0, sde_noise: float = 0.0) -> None:
         self.latent = latent
-        super().__init__(d, width, depth, sample_steps, dims=0, conditioning=conditioning)
-        self.encoder = ResidualMLP(d, width, latent, depth)
-        self.decoder = ResidualMLP(latent, width, d, depth)
+        # 0: the flow's width (what priors saved before the setting existed hold)
+        self.autoencoder_width = autoencoder_width or width
+        super().__init__(d, width, depth, sample_steps, dims=0, conditioning=conditioning, sde_noise=sde_noise)
+        self.encoder = ResidualMLP(d, self.autoencoder_width, latent, depth)
+        self.decoder = ResidualMLP(latent, self.autoencoder_width, d, depth)
         self.register_buffer("latent_mean", torch.zeros(latent))
         self.register_buffer("latent_std", torch.ones(latent))
 
@@ -434,7 +467,8 @@ class LatentFlowPrior(FlowPrior):
 
     def settings(self) -> dict[str, Any]:
         return {"d": self.d, "latent": self.latent, "width": self.width, "depth": self.depth,
-                "sample_steps": self.sample_steps, "conditioning": self.conditioning}
+                "sample_steps": self.sample_steps, "conditioning": self.conditioning,
+                "autoencoder_width": self.autoencoder_width, "sde_noise": self.sde_noise}
 
     def codes_to_state(self, codes: torch.Tensor) -> torch.Tensor:
         return (self.encoder(codes) - self.latent_mean) / self.latent_std
@@ -533,7 +567,8 @@ def fit_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device: torch
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        prior = FlowPrior(d, cfg.width, cfg.depth, cfg.sample_steps, min(cfg.dims, d), cfg.conditioning).to(device)
+        prior = FlowPrior(d, cfg.width, cfg.depth, cfg.sample_steps, min(cfg.dims, d), cfg.conditioning,
+                          cfg.sde_noise).to(device)
     taken = train_velocity(prior.velocity, prior.codes_to_state(codes.float()), cfg, generator, device, progress,
                            "fitting flow prior", stage_seconds(cfg, cfg.fit_steps, cfg.fit_steps))
     prior.steps_taken = {"flow": taken}
@@ -565,7 +600,8 @@ def fit_latent_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        prior = LatentFlowPrior(d, cfg.latent, cfg.width, cfg.depth, cfg.sample_steps, cfg.conditioning).to(device)
+        prior = LatentFlowPrior(d, cfg.latent, cfg.width, cfg.depth, cfg.sample_steps, cfg.conditioning,
+                                cfg.autoencoder_width, cfg.sde_noise).to(device)
     codes = codes.float()
     total_steps = cfg.autoencoder_steps + cfg.fit_steps
 

@@ -27,6 +27,10 @@ def test_bad_values_are_rejected():
         load_config(None, {"prior.code_weighting": "-1"})
     with pytest.raises(ValueError, match=r"prior.latent_noise=2.0 must be a number in \[0, 1\]"):
         load_config(None, {"prior.latent_noise": "2"})
+    with pytest.raises(ValueError, match=r"prior.autoencoder_width=-1 must be >= 0 \(0 = prior.width\)"):
+        load_config(None, {"prior.autoencoder_width": "-1"})
+    with pytest.raises(ValueError, match=r"prior.sde_noise=-0.5 must be a finite number >= 0"):
+        load_config(None, {"prior.sde_noise": "-0.5"})
     with pytest.raises(ValueError, match="expected one of l1, l2"):
         load_config(None, {"train.loss": "huber"})
     with pytest.raises(ValueError, match="multiple of 2\\^J"):

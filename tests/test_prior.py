@@ -7,8 +7,8 @@ import scatgen
 from scatgen.bundle import load_bundle, save_bundle
 from scatgen.config import PriorConfig
 from scatgen.pipeline import Pipeline, slerp
-from scatgen.prior import (AdaLNVelocityField, FlowPrior, StageBudget, fit_gmm, fit_prior, integrate, load_prior,
-                           save_prior)
+from scatgen.prior import (AdaLNVelocityField, FlowPrior, LatentFlowPrior, StageBudget, fit_gmm, fit_prior, integrate,
+                           integrate_sde, load_prior, save_prior)
 
 
 def two_clusters(n=2000, d=3, seed=0):
@@ -348,6 +348,69 @@ def test_flow_saved_before_the_conditioning_setting_loads_as_input(tmp_path):
     assert loaded.conditioning == "input"
     assert torch.equal(loaded.sample(4, seed=2), old.sample(4, seed=2))
 
+
+def test_latent_flow_autoencoder_width_is_its_own_and_old_priors_load_with_the_flows(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    cfg = PriorConfig(kind="latent_flow", width=16, autoencoder_width=24, depth=1, fit_steps=5, sample_steps=2,
+                      latent=2, autoencoder_steps=5, code_weighting=0)
+    prior = fit_prior(two_clusters(n=64), cfg, seed=0)
+    assert prior.encoder.inp.out_features == prior.decoder.inp.out_features == 24
+    assert prior.velocity.inp.out_features == 16
+    loaded = load_prior(save_prior(prior, tmp_path / "new.safetensors"))
+    assert loaded.autoencoder_width == 24
+    assert torch.equal(loaded.sample(4, seed=1), prior.sample(4, seed=1))
+    # A prior saved before the setting existed had one width for both stages.
+    old = LatentFlowPrior(d=3, latent=2, width=16, depth=1, sample_steps=2)
+    meta = {"kind": "latent_flow", "settings": {k: v for k, v in old.settings().items() if k != "autoencoder_width"}}
+    path = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in old.state_dict().items()}, str(path),
+              metadata={"scatgen_prior": json.dumps(meta)})
+    assert load_prior(path).autoencoder_width == 16
+    assert torch.equal(load_prior(path).sample(4, seed=2), old.sample(4, seed=2))
+
+class GaussianField(torch.nn.Module):
+    """The exact velocity E[x − ε | y_t] for data x ~ N(mean, std²) in every component."""
+
+    def __init__(self, mean: float, std: float) -> None:
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, y, t):
+        t = t[:, None]
+        var = (1 - t) ** 2 + t**2 * self.std**2
+        return self.mean + (t * self.std**2 - (1 - t)) / var * (y - t * self.mean)
+
+
+@pytest.mark.parametrize("noise", [0.5, 2.0])
+def test_sde_sampler_keeps_the_odes_marginals(noise):
+    field = GaussianField(mean=3.0, std=0.5)
+    start = torch.randn(4000, 2, generator=torch.Generator().manual_seed(0))
+    for samples in (integrate(field, start, 0.0, 1.0, 50),
+                    integrate_sde(field, start, 200, noise, torch.Generator().manual_seed(1))):
+        torch.testing.assert_close(samples.mean(0), torch.full((2,), 3.0), atol=0.05, rtol=0)
+        torch.testing.assert_close(samples.std(0), torch.full((2,), 0.5), atol=0.05, rtol=0)
+    # The noise corrects a path that has gone wrong: started 2 units off, the ODE ends 2 × std = 1
+    # off (the map is affine); the SDE keeps less of the error, the less the more noise it injects.
+    shifted = start + 2.0
+    ode_error = integrate(field, shifted, 0.0, 1.0, 50).mean() - 3.0
+    sde_error = integrate_sde(field, shifted, 200, noise, torch.Generator().manual_seed(1)).mean() - 3.0
+    assert abs(ode_error - 1.0) < 0.05
+    assert 0 < sde_error < (0.8 if noise == 0.5 else 0.35)
+
+
+def test_sde_prior_saves_loads_and_samples_identically_per_seed(tmp_path):
+    prior = LatentFlowPrior(d=4, latent=2, width=8, depth=1, sample_steps=3, sde_noise=1.0)
+    loaded = load_prior(save_prior(prior, tmp_path / "sde.safetensors"))
+    assert loaded.sde_noise == 1.0
+    assert torch.equal(loaded.sample(6, seed=2), prior.sample(6, seed=2))
+    assert not torch.equal(loaded.sample(6, seed=2), loaded.sample(6, seed=3))
+    prior.sde_noise = 0.0
+    assert not torch.equal(loaded.sample(6, seed=2), prior.sample(6, seed=2))  # the ODE's differ
+    with pytest.raises(ValueError, match="sde_noise must be a finite number >= 0"):
+        FlowPrior(d=4, width=8, depth=1, sde_noise=-1.0)
 
 def test_bad_conditioning_and_ema_are_one_line_errors():
     from scatgen.config import Config, validate
