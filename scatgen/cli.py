@@ -48,7 +48,7 @@ from scatgen.generators.sparse_deconv import SparseDeconvGenerator
 from scatgen.metrics import psnr
 from scatgen.pictures import display_scale, enlarge, grid, rows_grid, save_gif, save_png, to_unit
 from scatgen.pipeline import Pipeline
-from scatgen.prior import PRIOR_KINDS
+from scatgen.prior import PRIOR_KINDS, FlowPrior
 from scatgen.speed import govern_threads
 from scatgen.utils import atomic_path, describe_os_error, one_line_warnings, progress_bar, writable_folder
 
@@ -146,6 +146,12 @@ def cmd_sample(pipe, args) -> None:
     prior = args.prior or pipe.default_prior
     refine = pipe.refine_settings(args.refine, drawn=True).steps
     stem = f"{prior}-refine{refine}-seed{args.seed}-t{args.temperature:g}"
+    if args.sde_noise is not None:
+        code_prior = pipe.prior(prior)
+        if not isinstance(code_prior, FlowPrior):
+            raise ValueError(f"--sde-noise applies to flow and latent_flow priors; '{prior}' has no SDE to follow")
+        code_prior.sde_noise = args.sde_noise  # this command only; the bundle's file keeps its own
+        stem += f"-sde{args.sde_noise:g}"
     # All codes at once, so that the images are pipe.sample(n)'s; decoded, refined and written a chunk
     # at a time, so that memory holds one chunk and the grid's first GRID_MAX images.
     codes = pipe.random_codes(args.n, seed=args.seed, temperature=args.temperature, prior=prior)
@@ -386,6 +392,10 @@ def positive_float(text: str) -> float:
     return number_arg(text, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 
 
+def non_negative_float(text: str) -> float:
+    return number_arg(text, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+
+
 def unit_interval(text: str) -> float:
     return number_arg(text, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
@@ -419,6 +429,9 @@ def use(argv: list[str], prog: str | None = None, description: str | None = None
     parsers["sample"].add_argument("--n", type=count(1, SAMPLES_MAX, "codes are drawn at once"), default=64,
                                    help=f"samples; more than {GRID_MAX} need --individual (the grid shows {GRID_MAX})")
     parsers["sample"].add_argument("--temperature", type=positive_float, default=1.0)
+    parsers["sample"].add_argument("--sde-noise", type=non_negative_float,
+                                   help="flow, latent_flow: draw along the SDE with this noise, 0 = the ODE "
+                                        "(default: the prior's prior.sde_noise)")
     parsers["sample"].add_argument("--individual", action="store_true", help="also write one PNG per sample")
     parsers["sample"].add_argument("--nrow", type=count(1), default=8)
     parsers["interpolate"].add_argument("--a", required=True, help="image path, train:I, test:I or seed:K")

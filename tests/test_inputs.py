@@ -133,6 +133,28 @@ def test_individual_samples_of_different_settings_do_not_overwrite(run_dir, tmp_
     assert "sample-normal-refine0-seed0-t0.5-00002.png" in files
 
 
+
+@pytest.mark.slow
+def test_sample_sde_noise_switches_the_priors_sampler_for_the_command_only(run_dir, tmp_path, capsys):
+    from scatgen.prior import load_prior
+
+    saved = (run_dir / "model" / "priors" / "flow.safetensors").read_bytes()
+    outs = {}
+    for noise in ("0", "1"):
+        out = tmp_path / noise
+        assert cli(capsys, "sample", str(run_dir), "--n", "4", "--refine", "0", "--sde-noise", noise,
+                   "--out", str(out))[0] == 0
+        [grid_file] = out.glob(f"samples-flow-refine0-seed0-t1-sde{noise}.png")
+        outs[noise] = grid_file.read_bytes()
+    assert outs["0"] != outs["1"]
+    assert (run_dir / "model" / "priors" / "flow.safetensors").read_bytes() == saved
+    assert load_prior(run_dir / "model" / "priors" / "flow.safetensors").sde_noise == 0
+    status, err = cli(capsys, "sample", str(run_dir), "--sde-noise", "-1", "--out", str(tmp_path))
+    assert status == 2 and "expected a finite number >= 0, got -1" in err
+    status, err = cli(capsys, "sample", str(run_dir), "--prior", "normal", "--sde-noise", "1", "--out", str(tmp_path))
+    assert status != 0 and "--sde-noise applies to flow and latent_flow priors; 'normal'" in err
+    assert len(err.strip().splitlines()) == 1
+
 # 4. duplicated YAML keys --------------------------------------------------------------------------------------
 
 def test_a_duplicated_yaml_key_is_an_error_naming_both_lines(tmp_path):
