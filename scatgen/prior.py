@@ -12,8 +12,8 @@ codes to blobs. A density fitted ex post to the train codes keeps samples on the
                  The MLP sees t at its input (prior.conditioning=input) or in every block
                  through adaLN (adaln); prior.ema samples with the weights' moving average
     latent_flow  two stages: an autoencoder d → k → d on the codes, and a flow on its k-d latent;
-                 each has its own width (prior.autoencoder_width, prior.width): the flow's
-                 inputs are k-d, so a narrower one buys it more steps in the same minutes
+                 each has its own width (prior.autoencoder_width, prior.width), so that
+                 either can be sized without the other
 
 gmm and flow model the `dims` leading components and draw the rest from N(0, I). latent_flow
 draws all d: refinement sharpens a sample only towards a code that some image has, in every
@@ -360,8 +360,8 @@ class FlowPrior(CodePrior):
     The flow acts on a state y (n, m) that stands for the codes: here the `dims` leading
     components. An ODE is invertible, so a code maps to its noise and back (`to_noise`,
     `from_noise`), which interpolation and variations use. With sde_noise > 0, `sample` follows
-    an SDE on the same marginals instead (integrate_sde, 2 × sample_steps evaluations as Heun
-    takes); the maps between codes and noise stay the ODE's."""
+    an SDE on the same marginals instead (integrate_sde: 2 × sample_steps Euler steps, as many
+    evaluations of the field as Heun's); the maps between codes and noise stay the ODE's."""
 
     kind = "flow"
     invertible = True
