@@ -5,6 +5,7 @@
     python benchmarks/priors.py runs/polygons --fit latent_flow --set prior.latent=16 --set prior.fit_steps=8000
     python benchmarks/priors.py runs/polygons --fit latent_flow --codes 40000 --n 200   # more codes (polygons)
     python benchmarks/priors.py runs/polygons --set refine.tv=0.02 --n 200              # another refinement
+    python benchmarks/priors.py runs/polygons --sde-noise 0 1 --no-interpolation     # ODE against SDE, one prior
 
 Rows, all on the first N test images and Inception pool features (k=3 for precision/recall):
   ceiling          test codes decoded and refined towards all d components (with refine.tv): what a
@@ -48,7 +49,7 @@ from scatgen.evaluation import _stack, _timed as timed, cpu_or_gpu_name  # noqa:
 from scatgen.inception import compute_features, load_inception  # noqa: E402
 from scatgen.metrics import fid_from_features, memorisation_report, precision_recall  # noqa: E402
 from scatgen.pictures import to_unit  # noqa: E402
-from scatgen.prior import PRIOR_KINDS, fit_prior  # noqa: E402
+from scatgen.prior import PRIOR_KINDS, FlowPrior, fit_prior  # noqa: E402
 
 
 def main() -> None:
@@ -62,6 +63,8 @@ def main() -> None:
     parser.add_argument("--no-interpolation", action="store_true", help="skip the midpoint rows")
     parser.add_argument("--refine", type=int, default=None, help="refinement steps (default: the bundle's)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--sde-noise", type=float, nargs="+", help="flow priors: one pair of sample rows per "
+                        "noise (0 = the ODE), the same fitted prior (default: its own prior.sde_noise)")
     parser.add_argument("--inception", help="TorchScript FID Inception weights (default: the metrics extra's)")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -130,11 +133,15 @@ def main() -> None:
     recons = measure("test reconstructions, refined", recons_images, seconds, ceiling)
     for kind in kinds:
         prior = pipe.priors[kind]
-        codes, seconds = timed(pipe.random_codes, n, seed=args.seed, prior=kind)
-        raw, more = timed(pipe.decode, codes, refine=0)
-        measure(f"{kind}, G", raw, seconds + more, ceiling, recons, pipe.decode(test_codes, refine=0))
-        refined, more = timed(pipe.decode, codes, refine=args.refine, dims=prior.dims, drawn_by=kind)
-        measure(f"{kind}, refined", refined, seconds + more, ceiling, recons, ceiling_images)
+        for noise in args.sde_noise if args.sde_noise and isinstance(prior, FlowPrior) else [None]:
+            label = kind
+            if noise is not None:
+                prior.sde_noise, label = noise, f"{kind} (sde_noise {noise:g})"
+            codes, seconds = timed(pipe.random_codes, n, seed=args.seed, prior=kind)
+            raw, more = timed(pipe.decode, codes, refine=0)
+            measure(f"{label}, G", raw, seconds + more, ceiling, recons, pipe.decode(test_codes, refine=0))
+            refined, more = timed(pipe.decode, codes, refine=args.refine, dims=prior.dims, drawn_by=kind)
+            measure(f"{label}, refined", refined, seconds + more, ceiling, recons, ceiling_images)
         if prior.kind == "latent_flow":
             projected, seconds = timed(pipe.decode, prior.project(test_codes), refine=args.refine, drawn_by=kind)
             measure(f"{kind}, test codes through its autoencoder, refined", projected, seconds, ceiling, recons)
