@@ -131,6 +131,7 @@ def main() -> None:
     ceiling = measure("ceiling: test codes, refined", ceiling_images, seconds)
     recons_images, seconds = timed(pipe.reconstruct, real, refine=args.refine)
     recons = measure("test reconstructions, refined", recons_images, seconds, ceiling)
+    settings = {k: pipe.priors[k].settings() for k in kinds}  # as saved, before --sde-noise overrides
     for kind in kinds:
         prior = pipe.priors[kind]
         for noise in args.sde_noise if args.sde_noise and isinstance(prior, FlowPrior) else [None]:
@@ -156,7 +157,7 @@ def main() -> None:
                     ceiling, recons)
 
     report = {"run": args.run, "n": n, "machine": cpu_or_gpu_name(pipe.device), "fit_seconds": fit_seconds,
-              "settings": {k: pipe.priors[k].settings() for k in kinds}, "rows": rows,
+              "settings": settings, "rows": rows,
               "refine_steps": pipe.refine_settings(args.refine).steps,
               "drawn_refine_steps": pipe.refine_settings(args.refine, drawn=True).steps,
               "overrides": overrides, "codes": args.codes or None, "seconds": time.perf_counter() - start}

@@ -344,14 +344,12 @@ def integrate_sde(velocity: nn.Module, y: torch.Tensor, steps: int, noise: float
     The injected noise lets later steps correct where the field has carried a path wrong, which
     the ODE carries to the end. The last step adds none. Noise is drawn on CPU from `generator`."""
     dt = 1.0 / steps
-    for i in range(steps):
+    for i in range(steps - 1):
         t = i * dt
         v = velocity(y, torch.full((len(y),), t, device=y.device))
-        if i == steps - 1:
-            return y + dt * v
         kick = torch.randn(y.shape, generator=generator).to(y.device)
         y = y + dt * (v - 0.5 * noise * (y - t * v)) + math.sqrt(noise * (1 - t) * dt) * kick
-    return y
+    return y + dt * velocity(y, torch.full((len(y),), (steps - 1) * dt, device=y.device))
 
 
 class FlowPrior(CodePrior):
