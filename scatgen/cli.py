@@ -8,7 +8,7 @@
     scatgen interpolate runs/polygons --a test:0 --b test:1 --steps 10 [--spherical]
     scatgen reconstruct runs/polygons --split test --n 32     (or --images a.png b.jpg, or --folder DIR)
     scatgen evaluate runs/polygons                            evaluation.json + evaluation.md
-    scatgen fit-prior runs/polygons --kind gmm                adds a prior to the bundle
+    scatgen fit-prior runs/polygons --kind gmm [--set prior.components=20]   adds a prior to the bundle
     scatgen atoms runs/polygons-sparse                        dictionaries of sparse_deconv generators
     scatgen --version
 
@@ -41,7 +41,7 @@ from torchvision.utils import make_grid
 import scatgen
 from scatgen.bundle import add_prior, find_bundle
 from scatgen.checks import check_device, check_seed
-from scatgen.config import DataConfig
+from scatgen.config import DataConfig, with_overrides
 from scatgen.data import IMAGE_EXTENSIONS, effective_crop, iterate_images, load_image, load_split
 from scatgen.evaluation import evaluate, markdown_table, reconstruction_metrics, write_report
 from scatgen.generators.sparse_deconv import SparseDeconvGenerator
@@ -269,7 +269,8 @@ def cmd_fit_prior(pipe, args) -> None:
     from scatgen.codes import encode_split
     from scatgen.prior import fit_prior
 
-    cfg = replace(pipe.cfg.prior, kind=args.kind)
+    # --set goes through the config's own validation, which knows the kind and the bundle's whitening.d.
+    cfg = with_overrides(pipe.cfg, {**dict(args.set), "prior.kind": args.kind}).prior
     if args.fit_steps is not None:
         cfg = replace(cfg, fit_steps=args.fit_steps)
     data_cfg = replace(pipe.cfg.data, root=args.data_root) if args.data_root else pipe.cfg.data
@@ -392,6 +393,16 @@ def positive_float(text: str) -> float:
     return number_arg(text, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 
 
+def prior_setting(text: str) -> tuple[str, str]:
+    """argparse type for fit-prior --set: 'prior.FIELD=VALUE' (--kind picks the kind)."""
+    key, sep, value = text.partition("=")
+    if not sep or not value or not key.startswith("prior.") or key == "prior.":
+        raise argparse.ArgumentTypeError(f"expected prior.FIELD=VALUE (e.g. prior.latent=16), got '{text[:60]}'")
+    if key == "prior.kind":
+        raise argparse.ArgumentTypeError("the kind is --kind, not --set prior.kind")
+    return key, value
+
+
 def non_negative_float(text: str) -> float:
     return number_arg(text, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 
@@ -460,6 +471,9 @@ def use(argv: list[str], prog: str | None = None, description: str | None = None
                                      help="priors to sample from (default: every one the bundle holds)")
     parsers["fit-prior"].add_argument("--kind", choices=PRIOR_KINDS, default="flow")
     parsers["fit-prior"].add_argument("--fit-steps", type=count(1), help="flow: optimizer steps (default: the config's)")
+    parsers["fit-prior"].add_argument("--set", type=prior_setting, action="append", default=[], metavar="prior.FIELD=VALUE",
+                                      help="a prior setting for this fit, e.g. prior.latent=16 (repeatable; default: "
+                                           "the bundle's config)")
     args = parser.parse_args(argv)
     if args.command == "evaluate":
         # Its metrics do not need the last bit; the commands that write images keep a fixed thread

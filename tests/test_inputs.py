@@ -272,6 +272,37 @@ def test_a_read_only_run_folder_is_one_line_before_the_work(run_dir, capsys, mon
 
 
 @pytest.mark.slow
+def test_fit_prior_set_malformed_settings_are_one_line_before_the_work(run_dir, capsys, monkeypatch):
+    no_work(monkeypatch)
+    for setting, message in (("latent=16", "expected prior.FIELD=VALUE"), ("train.lr=1e-3", "expected prior.FIELD=VALUE"),
+                             ("prior.latent", "expected prior.FIELD=VALUE"), ("prior.kind=gmm", "--kind")):
+        status, err = cli(capsys, "fit-prior", str(run_dir), "--set", setting)
+        assert status == 2 and message in err and err.strip().splitlines()[-1].startswith("sample.py fit-prior: error"), err
+
+
+@pytest.mark.slow
+def test_fit_prior_set_changes_this_fit_and_checks_values_against_the_bundle(run_dir, tmp_path, capsys):
+    import shutil
+
+    from scatgen.bundle import find_bundle
+    from scatgen.prior import load_prior
+
+    bundle = tmp_path / "model"
+    shutil.copytree(find_bundle(run_dir), bundle)
+    # The tiny run's codes have d = 32: a latent of 32 is no compression, and the config's check says so.
+    for setting, message in (("prior.latent=32", "prior.latent=32 must be below whitening.d=32"),
+                             ("prior.latnet=4", "unknown config key 'prior.latnet'")):
+        status, err = cli(capsys, "fit-prior", str(bundle), "--kind", "latent_flow", "--set", setting)
+        assert status == 1 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (bundle / "priors" / "latent_flow.safetensors").exists()
+    status, err = cli(capsys, "fit-prior", str(bundle), "--kind", "latent_flow", "--set", "prior.latent=4",
+                      "--set", "prior.autoencoder_steps=3", "--set", "prior.fit_steps=3", "--set", "prior.sde_noise=0.5")
+    assert status == 0, err
+    prior = load_prior(bundle / "priors" / "latent_flow.safetensors")
+    assert (prior.latent, prior.sde_noise) == (4, 0.5)
+
+
+@pytest.mark.slow
 def test_an_unwritable_cache_folder_has_a_way_out(run_dir, tmp_path, capsys):
     bundle = tmp_path / "model"
     import shutil
