@@ -269,10 +269,12 @@ def cmd_fit_prior(pipe, args) -> None:
     from scatgen.codes import encode_split
     from scatgen.prior import fit_prior
 
-    # --set goes through the config's own validation, which knows the kind and the bundle's whitening.d.
-    cfg = with_overrides(pipe.cfg, {**dict(args.set), "prior.kind": args.kind}).prior
+    # One route for every setting: the config's own validation, which knows the kind and the bundle's
+    # whitening.d. --kind and --fit-steps come last, so they win over a --set of the same field.
+    overrides = {**dict(args.set), "prior.kind": args.kind}
     if args.fit_steps is not None:
-        cfg = replace(cfg, fit_steps=args.fit_steps)
+        overrides["prior.fit_steps"] = args.fit_steps
+    cfg = with_overrides(pipe.cfg, overrides).prior
     data_cfg = replace(pipe.cfg.data, root=args.data_root) if args.data_root else pipe.cfg.data
     # The run's code cache answers when it is still there; otherwise the train split is encoded again.
     codes = encode_split(replace(pipe.cfg, data=data_cfg), "train", pipe.encoder).codes

@@ -133,7 +133,6 @@ def test_individual_samples_of_different_settings_do_not_overwrite(run_dir, tmp_
     assert "sample-normal-refine0-seed0-t0.5-00002.png" in files
 
 
-
 @pytest.mark.slow
 def test_sample_sde_noise_switches_the_priors_sampler_for_the_command_only(run_dir, tmp_path, capsys):
     from scatgen.prior import load_prior
@@ -154,6 +153,7 @@ def test_sample_sde_noise_switches_the_priors_sampler_for_the_command_only(run_d
     status, err = cli(capsys, "sample", str(run_dir), "--prior", "normal", "--sde-noise", "1", "--out", str(tmp_path))
     assert status != 0 and "--sde-noise applies to flow and latent_flow priors; 'normal'" in err
     assert len(err.strip().splitlines()) == 1
+
 
 # 4. duplicated YAML keys --------------------------------------------------------------------------------------
 
