@@ -37,7 +37,7 @@ def main() -> None:
     net = load_inception()
     real = _stack(load_split(pipe, "test"), 128)[:args.n]
     codes = pipe.encode(real)
-    real_feats = compute_features(net, to_unit(real), batch_size=64)
+    real_feats = compute_features(net, to_unit(real))
     g = torch.Generator().manual_seed(0)
     k = args.lead
 
@@ -61,7 +61,7 @@ def main() -> None:
     for name, z, dims in variants:
         tic = time.perf_counter()
         images = pipe.decode(z, dims=dims)
-        scores = precision_recall(real_feats, compute_features(net, to_unit(images), batch_size=64), k=3)
+        scores = precision_recall(real_feats, compute_features(net, to_unit(images)), k=3)
         print(f"| {name} | {scores['precision']:.3f} | {scores['recall']:.3f} | {time.perf_counter() - tic:.0f} |",
               flush=True)
     print(f"\nmachine: {cpu_or_gpu_name(pipe.device)}; N={len(real)}; Inception k=3")

@@ -93,7 +93,7 @@ def main() -> None:
     train = _stack(load_split(pipe, "train", limit=5000, seed=0), 128)
 
     def features(images: torch.Tensor) -> torch.Tensor:
-        return compute_features(net, to_unit(images), batch_size=64)
+        return compute_features(net, to_unit(images))
 
     real_feats = features(real)
     out_dir = find_bundle(args.run).parent

@@ -169,7 +169,7 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
         report["fid"] = {"skipped": skipped}
     else:
         def features(images: torch.Tensor) -> torch.Tensor:
-            return compute_features(net, to_unit(images), batch_size=64)
+            return compute_features(net, to_unit(images))
 
         def scores(real_feats: torch.Tensor, images: torch.Tensor) -> dict[str, float]:
             feats = features(images)

@@ -231,6 +231,19 @@ def test_fid_pipeline_with_stand_in_net():
     assert 0 <= fid_same < 0.1 * fid_shift
 
 
+def test_inception_input_layout_and_batch_leave_features_unchanged():
+    # The channels-last input and the CPU default batch are speed choices: same features.
+    conv = _TinyFeatureNet()
+    net = InceptionFeatures(torch.nn.Sequential(conv.conv, torch.nn.ReLU()))
+    net.size = 24  # the stand-in needs no 299² input
+    x = torch.rand(20, 3, 16, 16, generator=_gen(14))
+    net.channels_last = False
+    reference = compute_features(net, x, batch_size=20)
+    net.channels_last = True
+    torch.testing.assert_close(compute_features(net, x), reference, rtol=1e-5, atol=1e-6)
+    assert reference.shape == (20, 16)
+
+
 # --------------------------------------------------------------------------- Inception loading
 
 
