@@ -5,13 +5,15 @@
     python benchmarks/priors.py runs/polygons --fit latent_flow --set prior.latent=16 --set prior.fit_steps=8000
     python benchmarks/priors.py runs/polygons --fit latent_flow --codes 40000 --n 200   # more codes (polygons)
     python benchmarks/priors.py runs/polygons --set refine.tv=0.02 --n 200              # another refinement
-    python benchmarks/priors.py runs/polygons --sde-noise 0 1 --no-interpolation     # ODE against SDE, one prior
+    python benchmarks/priors.py runs/polygons --sde-noise 0 1                        # ODE against SDE, one prior
+    python benchmarks/priors.py runs/polygons --extras     # + the autoencoder's ceiling and interpolation midpoints
 
 Rows, all on the first N test images and Inception pool features (k=3 for precision/recall):
   ceiling          test codes decoded and refined towards all d components (with refine.tv): what a
                    perfect prior gives
   recons refined   test reconstructions refined towards the full S_J x (the FID reference of the targets)
   PRIOR, G / refined   N codes drawn from the prior, decoded by G alone and refined
+and with --extras:
   PRIOR projection     (latent_flow) test codes through the prior's autoencoder, refined: its own ceiling
   interpolation midpoints, path=prior and path=code, between test codes i and i + 1, refined
 Each sample row carries its precision as a ratio of the ceiling's, FID as a ratio of the refined
@@ -24,9 +26,15 @@ shows the 16 closest pairs (sample, its nearest train image), ×4, to tell copie
 bundle's priors are measured. --codes N fits them on the first N train images' codes instead (for
 polygons, N may exceed the run's data.num_train: the images are drawn on the fly). --set takes
 prior.* (for --fit) and refine.* overrides (for every row, the ceiling's too). Prints the table with the machine; writes RUN/priors.json.
+
+The rows that no prior changes (the ceiling, the refined reconstructions, the test images' features)
+are kept in RUN/priors-fixed.pt and reused while everything they depend on is unchanged: the
+bundle's generator, whitening and config, the refinement settings, N, the Inception weights and
+scatgen's source. A reused row says so; --no-cache recomputes them.
 """
 
 import argparse
+import hashlib
 import json
 import re
 import sys
@@ -50,6 +58,20 @@ from scatgen.inception import compute_features, load_inception  # noqa: E402
 from scatgen.metrics import fid_from_features, memorisation_report, precision_recall  # noqa: E402
 from scatgen.pictures import to_unit  # noqa: E402
 from scatgen.prior import PRIOR_KINDS, FlowPrior, fit_prior  # noqa: E402
+from scatgen.utils import atomic_path, cache_key  # noqa: E402
+
+FIXED_FILE = "priors-fixed.pt"
+
+
+def fixed_rows_key(run: str, pipe: scatgen.Pipeline, n: int, refine: int | None, inception: str | None) -> str:
+    """Names everything the ceiling and reconstruction rows depend on (not the priors)."""
+    sums = json.loads((find_bundle(run) / "checksums.json").read_text())
+    source = hashlib.sha256()
+    for path in sorted(Path(scatgen.__file__).parent.rglob("*.py")):
+        source.update(path.read_bytes())
+    return cache_key({"bundle": {k: v for k, v in sums.items() if not k.startswith("priors/")},
+                      "refine": pipe.cfg.refine, "steps": refine, "n": n, "inception": inception,
+                      "scatgen": source.hexdigest(), "torch": torch.__version__})
 
 
 def main() -> None:
@@ -60,7 +82,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="prior.* or refine.* override, e.g. prior.latent=16")
     parser.add_argument("--codes", type=int, default=0, help="fit on the first N train images' codes (0: the run's)")
     parser.add_argument("--priors", nargs="*", help="priors to measure (default: every one in the bundle)")
-    parser.add_argument("--no-interpolation", action="store_true", help="skip the midpoint rows")
+    parser.add_argument("--extras", action="store_true",
+                        help="add the autoencoder's ceiling (latent_flow) and the interpolation midpoint rows")
+    parser.add_argument("--no-cache", action="store_true", help=f"recompute the rows kept in RUN/{FIXED_FILE}")
     parser.add_argument("--refine", type=int, default=None, help="refinement steps (default: the bundle's)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--sde-noise", type=float, nargs="+", help="flow priors: one pair of sample rows per "
@@ -95,8 +119,20 @@ def main() -> None:
     def features(images: torch.Tensor) -> torch.Tensor:
         return compute_features(net, to_unit(images))
 
-    real_feats = features(real)
     out_dir = find_bundle(args.run).parent
+    key = fixed_rows_key(args.run, pipe, n, args.refine, args.inception)
+    fixed_path = out_dir / FIXED_FILE
+    fixed = None
+    if not args.no_cache and fixed_path.is_file():
+        try:
+            fixed = torch.load(fixed_path, weights_only=True)
+        except Exception as e:  # a damaged cache is only a slower run
+            print(f"{fixed_path} is unreadable ({type(e).__name__}): recomputing its rows")
+        if fixed is not None and fixed.get("key") != key:
+            print(f"{fixed_path} was made for another bundle, refinement, N, Inception or scatgen source: "
+                  f"recomputing its rows")
+            fixed = None
+    real_feats = fixed["real_feats"] if fixed else features(real)
     rows: list[dict] = []
 
     def measure(name: str, images: torch.Tensor, seconds: float, ceiling: dict | None = None,
@@ -127,10 +163,20 @@ def main() -> None:
     # (refine.sample_steps, sample_tv, along the prior's surface); test codes with refine.tv, and
     # reconstructions with none.
     drawn_tv = pipe.cfg.refine.sample_tv
-    ceiling_images, seconds = timed(pipe.decode, test_codes, refine=args.refine)
-    ceiling = measure("ceiling: test codes, refined", ceiling_images, seconds)
-    recons_images, seconds = timed(pipe.reconstruct, real, refine=args.refine)
-    recons = measure("test reconstructions, refined", recons_images, seconds, ceiling)
+    if fixed:
+        ceiling_images, ceiling, recons = fixed["ceiling_images"], fixed["ceiling"], fixed["recons"]
+        for row in (ceiling, recons):
+            row["reused"] = True
+            rows.append(row)
+            print(format_row(row), flush=True)
+    else:
+        ceiling_images, seconds = timed(pipe.decode, test_codes, refine=args.refine)
+        ceiling = measure("ceiling: test codes, refined", ceiling_images, seconds)
+        recons_images, seconds = timed(pipe.reconstruct, real, refine=args.refine)
+        recons = measure("test reconstructions, refined", recons_images, seconds, ceiling)
+        with atomic_path(fixed_path) as tmp:
+            torch.save({"key": key, "real_feats": real_feats, "ceiling_images": ceiling_images,
+                        "ceiling": ceiling, "recons": recons}, tmp)
     settings = {k: pipe.priors[k].settings() for k in kinds}  # as saved, before --sde-noise overrides
     for kind in kinds:
         prior = pipe.priors[kind]
@@ -143,10 +189,10 @@ def main() -> None:
             measure(f"{label}, G", raw, seconds + more, ceiling, recons, pipe.decode(test_codes, refine=0))
             refined, more = timed(pipe.decode, codes, refine=args.refine, dims=prior.dims, drawn_by=kind)
             measure(f"{label}, refined", refined, seconds + more, ceiling, recons, ceiling_images)
-        if prior.kind == "latent_flow":
+        if args.extras and prior.kind == "latent_flow":
             projected, seconds = timed(pipe.decode, prior.project(test_codes), refine=args.refine, drawn_by=kind)
             measure(f"{kind}, test codes through its autoencoder, refined", projected, seconds, ceiling, recons)
-    if not args.no_interpolation:
+    if args.extras:
         # Midpoints between test codes i and i + 1; the ends are the ceiling's images.
         a, b = test_codes, test_codes.roll(-1, 0)
         paths = ["code"] + (["prior"] if pipe.priors[pipe.default_prior].invertible else [])
@@ -173,7 +219,7 @@ def format_row(row: dict) -> str:
     extra = ", ".join(f"{k} {row[k]:.3g}" for k in ("precision_vs_ceiling", "fid_vs_recons", "memorisation_ratio",
                                                      "near_copies") if k in row)
     return (f"{row['row']}: precision {row['precision']:.3f}, recall {row['recall']:.3f}, FID {row['fid']:.1f}"
-            f"{', ' + extra if extra else ''} ({row['seconds']:.0f} s)")
+            f"{', ' + extra if extra else ''} ({row['seconds']:.0f} s{', reused' if row.get('reused') else ''})")
 
 
 def markdown(rows: list[dict]) -> str:
@@ -185,7 +231,8 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['row']} | {r['precision']:.3f} | {cell(r, 'precision_vs_ceiling', '.2f')} | "
                      f"{r['recall']:.3f} | {r['fid']:.1f} | {cell(r, 'fid_vs_recons', '.2f')} | "
-                     f"{cell(r, 'memorisation_ratio', '.2f')} | {cell(r, 'near_copies', '.1%')} | {r['seconds']:.0f} |")
+                     f"{cell(r, 'memorisation_ratio', '.2f')} | {cell(r, 'near_copies', '.1%')} | "
+                     f"{r['seconds']:.0f}{' (reused)' if r.get('reused') else ''} |")
     return "\n".join(lines)
 
 
