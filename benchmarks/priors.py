@@ -29,8 +29,8 @@ prior.* (for --fit) and refine.* overrides (for every row, the ceiling's too). P
 
 The rows that no prior changes (the ceiling, the refined reconstructions, the test images' features)
 are kept in RUN/priors-fixed.pt and reused while everything they depend on is unchanged: the
-bundle's generator, whitening and config, the refinement settings, N, the Inception weights and
-scatgen's source. A reused row says so; --no-cache recomputes them.
+bundle's generator, whitening and config, the refinement settings, N, the device, the Inception
+weights, torch's version and scatgen's source. A reused row says so; --no-cache recomputes them.
 """
 
 import argparse
@@ -71,6 +71,7 @@ def fixed_rows_key(run: str, pipe: scatgen.Pipeline, n: int, refine: int | None,
         source.update(path.read_bytes())
     return cache_key({"bundle": {k: v for k, v in sums.items() if not k.startswith("priors/")},
                       "refine": pipe.cfg.refine, "steps": refine, "n": n, "inception": inception,
+                      "device": str(pipe.device),
                       "scatgen": source.hexdigest(), "torch": torch.__version__})
 
 
@@ -126,10 +127,13 @@ def main() -> None:
     if not args.no_cache and fixed_path.is_file():
         try:
             fixed = torch.load(fixed_path, weights_only=True)
+            if not (isinstance(fixed, dict) and {"key", "real_feats", "ceiling_images", "ceiling", "recons"} <= set(fixed)):
+                raise ValueError("not a priors.py cache")
         except Exception as e:  # a damaged cache is only a slower run
             print(f"{fixed_path} is unreadable ({type(e).__name__}): recomputing its rows")
-        if fixed is not None and fixed.get("key") != key:
-            print(f"{fixed_path} was made for another bundle, refinement, N, Inception or scatgen source: "
+            fixed = None
+        if fixed is not None and fixed["key"] != key:
+            print(f"{fixed_path} was made for another bundle, refinement, N, device, Inception or scatgen source: "
                   f"recomputing its rows")
             fixed = None
     real_feats = fixed["real_feats"] if fixed else features(real)
