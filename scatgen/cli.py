@@ -598,7 +598,9 @@ def train(argv: list[str], usage: str = __doc__, use_command: str = "scatgen") -
               f"({metrics['minutes']:.1f} min)")
         if "prior_steps" in metrics:
             steps = ", ".join(f"{stage} {n}" for stage, n in metrics["prior_steps"].items())
-            print(f"prior:    {trainer.cfg.prior.kind}, {steps} steps ({metrics['prior_seconds'] / 60:.1f} min)")
+            kinds = sorted({p.split()[0] for p in metrics.get("prior_precision", {}).values()})
+            print(f"prior:    {trainer.cfg.prior.kind}, {steps} steps ({metrics['prior_seconds'] / 60:.1f} min"
+                  + (f", {' and '.join(kinds)} steps)" if kinds else ")"))
         print(f"bundle:   {trainer.paths.model}")
         print(f"pictures: {trainer.paths.images}/{{reconstructions,samples,samples-by-prior,interpolation,variations}}.png")
         print(f"logs:     tensorboard --logdir {trainer.paths.logs}")

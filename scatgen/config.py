@@ -103,6 +103,7 @@ class PriorConfig:
     code_weighting: float = 0.25  # latent_flow: γ ≥ 0, the autoencoder's squared error weighs code component k by λ_k^γ (mean 1); 0 = plain whitened error
     latent_noise: float = 0.1  # latent_flow: noise on the latents while the autoencoder trains, in units of their spread; 0 = none
     max_minutes: float = 0.0  # flow, latent_flow: wall-clock budget of the fit, shared by the stages in proportion to their steps; 0 = steps only
+    mixed_precision: str = "auto"  # flow, latent_flow: the fit's steps under bf16 autocast: auto (bf16 where it times faster, in a fit bound by max_minutes) | no | bf16
 
 
 @dataclass
@@ -157,6 +158,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("constant", "cosine", "linear"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "prior.covariance": ("full", "diag"),
+    "prior.mixed_precision": ("auto", "no", "bf16"),
     "refine.optimizer": ("adam", "lbfgs"),
 }
 

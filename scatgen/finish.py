@@ -88,6 +88,7 @@ def finish_run(cfg: Config, paths: RunPaths, generator: Generator, encoder: Enco
     metrics = dict(metrics, prior_seconds=time.time() - tic)
     if prior is not None and prior.steps_taken:
         metrics["prior_steps"] = prior.steps_taken
+        metrics["prior_precision"] = prior.step_precision
     priors = {} if prior is None else {prior.kind: prior}
     save_bundle(paths.model, generator, encoder.whitening, cfg, priors=list(priors.values()))
     tic = time.time()

@@ -33,6 +33,8 @@ def test_bad_values_are_rejected():
         load_config(None, {"prior.sde_noise": "-0.5"})
     with pytest.raises(ValueError, match="expected one of l1, l2"):
         load_config(None, {"train.loss": "huber"})
+    with pytest.raises(ValueError, match="prior.mixed_precision.*expected one of auto, no, bf16"):
+        load_config(None, {"prior.mixed_precision": "fp16"})
     with pytest.raises(ValueError, match="multiple of 2\\^J"):
         load_config(None, {"data.image_size": "40"})
     with pytest.raises(ValueError, match="needs data.root"):

@@ -323,7 +323,7 @@ def test_ema_ends_the_fit_at_the_moving_average_of_the_steps(monkeypatch):
     seen = []  # the parameter after each optimizer step (work_done runs right after it)
     monkeypatch.setattr(prior_module, "work_done", lambda *a: seen.append(p.detach().clone()))
     cfg = PriorConfig(lr=0.1)
-    taken = prior_module.optimise([p], lambda: (p - 1).square().sum(), cfg, steps=40, seconds=0.0,
+    taken, _ = prior_module.optimise([p], lambda: (p - 1).square().sum(), cfg, steps=40, seconds=0.0,
                                   progress=False, desc="", ema=0.9)
     assert taken == 40 and len(seen) == 40
     average = torch.tensor([5.0, -3.0])
@@ -332,6 +332,51 @@ def test_ema_ends_the_fit_at_the_moving_average_of_the_steps(monkeypatch):
         average = decay * average + (1 - decay) * value
     torch.testing.assert_close(p.detach(), average)
     assert not torch.allclose(p.detach(), seen[-1])  # the average, not the last step
+
+
+def test_step_precision_auto_times_both_and_keeps_the_faster():
+    from scatgen.prior import StepPrecision
+
+    def probe(float32_s: float, bf16_s: float) -> tuple[list[bool], bool]:
+        precision = StepPrecision("auto", timed=True, device_type="cpu")
+        order = []
+        while not precision.settled:
+            bf16 = precision.next()
+            order.append(bf16)
+            precision.timed(bf16, bf16_s if bf16 else float32_s)
+        return order, precision.next()
+
+    order, kept = probe(float32_s=0.05, bf16_s=0.03)
+    assert order == [False, True] * StepPrecision.PROBE and kept is True
+    assert probe(float32_s=0.03, bf16_s=0.24)[1] is False  # a CPU without native bf16
+    assert probe(float32_s=0.030, bf16_s=0.029)[1] is False  # within the margin: float32, which is exact
+    # A fit bound by steps alone gains nothing from speed: float32 throughout, repeatable to the bit.
+    assert StepPrecision("auto", timed=False, device_type="cpu").settled
+    assert StepPrecision("auto", timed=False, device_type="cpu").next() is False
+    assert StepPrecision("bf16", timed=False, device_type="cpu").next() is True
+    with pytest.raises(ValueError, match="prior.mixed_precision must be auto, no or bf16"):
+        StepPrecision("fp16", timed=True, device_type="cpu")
+
+
+@pytest.mark.parametrize("mode", ["no", "bf16"])
+def test_optimise_runs_its_steps_in_the_precision_asked_for(mode):
+    import scatgen.prior as prior_module
+
+    p = torch.nn.Parameter(torch.tensor([5.0, -3.0]))
+    w = torch.eye(2)
+    seen = []
+
+    def loss() -> torch.Tensor:
+        y = torch.nn.functional.linear(p[None], w)  # a matrix product: autocast's bf16 applies to it
+        seen.append(y.dtype)
+        return (y.float() - 1).square().sum()
+
+    cfg = PriorConfig(lr=0.1, mixed_precision=mode)
+    taken, precision = prior_module.optimise([p], loss, cfg, steps=300, seconds=0.0, progress=False, desc="")
+    assert taken == 300 and precision.next() is (mode == "bf16")
+    assert set(seen) == {torch.bfloat16 if mode == "bf16" else torch.float32}
+    assert p.dtype == torch.float32  # the parameters stay float32: autocast only computes in bf16
+    torch.testing.assert_close(p.detach(), torch.ones(2), atol=0.05, rtol=0)  # from 5 and −3
 
 
 def test_flow_saved_before_the_conditioning_setting_loads_as_input(tmp_path):
