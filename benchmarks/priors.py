@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--no-cache", action="store_true", help=f"recompute the rows kept in RUN/{FIXED_FILE}")
     parser.add_argument("--refine", type=int, default=None, help="refinement steps (default: the bundle's)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--fit-seed", type=int, help="seed of the --fit priors (default: the run's run.seed)")
     parser.add_argument("--sde-noise", type=float, nargs="+", help="flow priors: one pair of sample rows per "
                         "noise (0 = the ODE), the same fitted prior (default: its own prior.sde_noise)")
     parser.add_argument("--inception", help="TorchScript FID Inception weights (default: the metrics extra's)")
@@ -96,16 +97,19 @@ def main() -> None:
 
     pipe = scatgen.load(args.run)
     overrides = dict(s.split("=", 1) for s in args.set)
-    fit_seconds = {}
+    fit_seconds, fit_steps = {}, {}
     if args.fit:
         cfg = with_overrides(pipe.cfg, overrides)
         source = replace(pipe.cfg, data=replace(pipe.cfg.data, num_train=args.codes)) if args.codes else pipe.cfg
         codes = encode_split(source, "train", pipe.encoder).codes
         for kind in args.fit:
             tic = time.perf_counter()
-            prior = fit_prior(codes, replace(cfg.prior, kind=kind), seed=pipe.cfg.run.seed, progress=True,
+            seed = pipe.cfg.run.seed if args.fit_seed is None else args.fit_seed
+            prior = fit_prior(codes, replace(cfg.prior, kind=kind), seed=seed, progress=True,
                               eigenvalues=pipe.whitening.eigenvalues.cpu())
             fit_seconds[kind] = time.perf_counter() - tic
+            fit_steps[kind] = {stage: f"{n} steps, {prior.step_precision.get(stage, 'float32')}"
+                               for stage, n in prior.steps_taken.items()}
             add_prior(args.run, prior)
         pipe = scatgen.load(args.run)
     pipe.cfg = with_overrides(pipe.cfg, {k: v for k, v in overrides.items() if k.startswith("refine.")})
@@ -207,7 +211,7 @@ def main() -> None:
                     ceiling, recons)
 
     report = {"run": args.run, "n": n, "machine": cpu_or_gpu_name(pipe.device), "fit_seconds": fit_seconds,
-              "settings": settings, "rows": rows,
+              "fit_steps": fit_steps, "settings": settings, "rows": rows,
               "refine_steps": pipe.refine_settings(args.refine).steps,
               "drawn_refine_steps": pipe.refine_settings(args.refine, drawn=True).steps,
               "overrides": overrides, "codes": args.codes or None, "seconds": time.perf_counter() - start}
@@ -215,7 +219,8 @@ def main() -> None:
     print(f"\nmachine: {report['machine']}; N={n}, Inception k=3; refine {report['refine_steps']} steps, and for "
           f"drawn codes {report['drawn_refine_steps']} with sample_tv {drawn_tv:g} and latent_spread "
           f"{pipe.cfg.refine.latent_spread:g}; "
-          f"fit seconds {json.dumps({k: round(v) for k, v in fit_seconds.items()})}; total {report['seconds']:.0f} s")
+          f"fit seconds {json.dumps({k: round(v) for k, v in fit_seconds.items()})}"
+          + (f" ({json.dumps(fit_steps)})" if fit_steps else "") + f"; total {report['seconds']:.0f} s")
     print(markdown(rows))
 
 
