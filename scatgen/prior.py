@@ -513,7 +513,7 @@ class StepPrecision:
     """Whether a fit's steps run under bf16 autocast (prior.mixed_precision).
 
     bf16 halves the bytes of every matrix product: on a CPU with native bf16 (AVX-512 BF16, AMX)
-    the prior's MLP steps run faster, on one without it several times slower (benchmarks/README.md).
+    the prior's MLP steps run faster; without it bf16 can be several times slower (benchmarks/README.md).
     `auto` therefore times both: the first steps alternate between float32 and bf16, PROBE of each, and
     the rest keep bf16 only if its median step is at least `margin` faster. A fit with no clock
     (max_minutes 0) gains nothing from faster steps, and `auto` keeps it in float32 there, so that
