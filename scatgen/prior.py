@@ -31,8 +31,8 @@ noise. prior.sde_noise > 0 draws samples along an SDE with the ODE's marginals, 
 corrects the field's errors on the way (benchmarks/README.md). A fit stops at its steps or at
 prior.max_minutes (shared by its stages in proportion to their steps), whichever comes first,
 and its learning rate decays over the same; a fit on the clock runs its steps under bf16 autocast
-where they time faster than in float32 (prior.mixed_precision). A prior is saved as safetensors with its settings
-as JSON metadata; nothing is pickled.
+where they time faster than in float32 (prior.mixed_precision). A prior is saved as safetensors
+with its settings as JSON metadata; nothing is pickled.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class CodePrior(nn.Module):
     def __init__(self, d: int, dims: int = 0) -> None:
         super().__init__()
         self.steps_taken: dict[str, int] = {}  # optimizer steps of each stage of the fit that made it (not saved)
-        self.step_precision: dict[str, str] = {}  # and the precision they ran in, e.g. "bf16 (1.6x faster)"
+        self.step_precision: dict[str, str] = {}  # and the precision they ran in (`describe`)
         if not 0 <= dims <= d:
             raise ValueError(f"prior.dims={dims} must be between 0 (all) and the code size d={d}")
         self.d = d
@@ -527,6 +527,7 @@ class StepPrecision:
         self.device_type, self.margin = device_type, margin
         self.choices = [False, True] if mode == "auto" and timed else [mode == "bf16"]
         self.seconds: dict[bool, list[float]] = {False: [], True: []}
+        self.medians: dict[bool, float] = {}  # each precision's median step, once both are probed
 
     @property
     def settled(self) -> bool:
@@ -544,15 +545,13 @@ class StepPrecision:
             return
         self.seconds[bf16].append(seconds)
         if min(len(v) for v in self.seconds.values()) >= self.PROBE:
-            median = {k: sorted(v)[len(v) // 2] for k, v in self.seconds.items()}
-            self.choices = [median[True] * self.margin < median[False]]
+            self.medians = {k: sorted(v)[len(v) // 2] for k, v in self.seconds.items()}
+            self.choices = [self.medians[True] * self.margin < self.medians[False]]
 
     @property
     def speedup(self) -> float | None:
         """float32's median step time over bf16's, where both were timed."""
-        if min(len(v) for v in self.seconds.values()) < self.PROBE:
-            return None
-        return sorted(self.seconds[False])[self.PROBE // 2] / sorted(self.seconds[True])[self.PROBE // 2]
+        return self.medians[False] / self.medians[True] if self.medians else None
 
     def autocast(self, bf16: bool):
         return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=bf16)
@@ -590,7 +589,10 @@ def optimise(parameters: list[nn.Parameter], loss_fn: Callable[[], torch.Tensor]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            precision.timed(bf16, time.perf_counter() - tic)
+            if not precision.settled:
+                if parameters[0].device.type == "cuda":
+                    torch.cuda.synchronize()  # a GPU step's time is its kernels', not their launch's
+                precision.timed(bf16, time.perf_counter() - tic)
             if averages:
                 decay = min(ema, (1 + budget.taken) / (10 + budget.taken))
                 torch._foreach_lerp_(averages, current, 1 - decay)
