@@ -598,7 +598,8 @@ def train(argv: list[str], usage: str = __doc__, use_command: str = "scatgen") -
               f"({metrics['minutes']:.1f} min)")
         if "prior_steps" in metrics:
             steps = ", ".join(f"{stage} {n}" for stage, n in metrics["prior_steps"].items())
-            kinds = sorted({p.split()[0] for p in metrics.get("prior_precision", {}).values()})
+            # "bf16", "float32", or "float32 and bf16" where a fit ended while timing the two
+            kinds = sorted({p.split(" (")[0] for p in metrics.get("prior_precision", {}).values()})
             print(f"prior:    {trainer.cfg.prior.kind}, {steps} steps ({metrics['prior_seconds'] / 60:.1f} min"
                   + (f", {' and '.join(kinds)} steps)" if kinds else ")"))
         print(f"bundle:   {trainer.paths.model}")

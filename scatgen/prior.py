@@ -590,7 +590,7 @@ def optimise(parameters: list[nn.Parameter], loss_fn: Callable[[], torch.Tensor]
             loss.backward()
             opt.step()
             if not precision.settled:
-                if parameters[0].device.type == "cuda":
+                if precision.device_type == "cuda":
                     torch.cuda.synchronize()  # a GPU step's time is its kernels', not their launch's
                 precision.timed(bf16, time.perf_counter() - tic)
             if averages:
