@@ -594,14 +594,17 @@ def train(argv: list[str], usage: str = __doc__, use_command: str = "scatgen") -
         signal.signal(signal.SIGTERM, previous)
 
     if trainer.accelerator.is_main_process:
+        # "bf16", "float32", or "float32 and bf16" where a loop ended while timing the two
+        def kinds(*described: str) -> str:
+            return " and ".join(sorted({d.split(" (")[0] for d in described}))
+
         print(f"test PSNR {metrics['test/psnr']:.2f} dB after {metrics['steps']} steps "
-              f"({metrics['minutes']:.1f} min)")
+              f"({metrics['minutes']:.1f} min, {kinds(metrics['train_precision'])} steps)")
         if "prior_steps" in metrics:
             steps = ", ".join(f"{stage} {n}" for stage, n in metrics["prior_steps"].items())
-            # "bf16", "float32", or "float32 and bf16" where a fit ended while timing the two
-            kinds = sorted({p.split(" (")[0] for p in metrics.get("prior_precision", {}).values()})
+            fitted = kinds(*metrics.get("prior_precision", {}).values())
             print(f"prior:    {trainer.cfg.prior.kind}, {steps} steps ({metrics['prior_seconds'] / 60:.1f} min"
-                  + (f", {' and '.join(kinds)} steps)" if kinds else ")"))
+                  + (f", {fitted} steps)" if fitted else ")"))
         print(f"bundle:   {trainer.paths.model}")
         print(f"pictures: {trainer.paths.images}/{{reconstructions,samples,samples-by-prior,interpolation,variations}}.png")
         print(f"logs:     tensorboard --logdir {trainer.paths.logs}")

@@ -71,7 +71,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop after this wall-clock time; 0 = no limit
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     code_noise: float = 0.0  # ν in [0, 1): codes scaled by sqrt(1−ν) plus noise so each component has unit variance
-    mixed_precision: str = "auto"  # auto (bf16 on GPU, off on CPU) | no | bf16 | fp16
+    mixed_precision: str = "auto"  # auto (bf16 on GPU; on CPU bf16 where it times faster, in a one-process run bound by max_minutes) | no | bf16 | fp16
     num_workers: int = 0  # DataLoader worker processes
     eval_every: int = 500  # steps between test PSNR evaluations and image grids
     eval_images: int = 500  # test images used for the periodic PSNR

@@ -52,7 +52,7 @@ from torch import nn
 
 from scatgen.checks import check_strength
 from scatgen.config import PriorConfig
-from scatgen.speed import work_done
+from scatgen.speed import StepPrecision, describe_precision, work_done
 from scatgen.utils import atomic_path, progress_bar
 
 
@@ -67,7 +67,7 @@ class CodePrior(nn.Module):
     def __init__(self, d: int, dims: int = 0) -> None:
         super().__init__()
         self.steps_taken: dict[str, int] = {}  # optimizer steps of each stage of the fit that made it (not saved)
-        self.step_precision: dict[str, str] = {}  # and the precision they ran in (`describe`)
+        self.step_precision: dict[str, str] = {}  # and the precision they ran in (`describe_precision`)
         if not 0 <= dims <= d:
             raise ValueError(f"prior.dims={dims} must be between 0 (all) and the code size d={d}")
         self.d = d
@@ -509,62 +509,6 @@ def stage_seconds(cfg: PriorConfig, steps: int, total_steps: int) -> float:
     return 60 * cfg.max_minutes * steps / total_steps
 
 
-class StepPrecision:
-    """Whether a fit's steps run under bf16 autocast (prior.mixed_precision).
-
-    bf16 halves the bytes of every matrix product: on a CPU with native bf16 (AVX-512 BF16, AMX)
-    the prior's MLP steps run faster; without it bf16 can be several times slower (benchmarks/README.md).
-    `auto` therefore times both: the first steps alternate between float32 and bf16, PROBE of each, and
-    the rest keep bf16 only if its median step is at least `margin` faster. A fit with no clock
-    (max_minutes 0) gains nothing from faster steps, and `auto` keeps it in float32 there, so that
-    it is repeatable to the bit."""
-
-    PROBE = 12
-
-    def __init__(self, mode: str, timed: bool, device_type: str, margin: float = 1.1) -> None:
-        if mode not in ("auto", "no", "bf16"):
-            raise ValueError(f"prior.mixed_precision must be auto, no or bf16, got {mode!r}")
-        self.device_type, self.margin = device_type, margin
-        self.choices = [False, True] if mode == "auto" and timed else [mode == "bf16"]
-        self.seconds: dict[bool, list[float]] = {False: [], True: []}
-        self.medians: dict[bool, float] = {}  # each precision's median step, once both are probed
-
-    @property
-    def settled(self) -> bool:
-        return len(self.choices) == 1
-
-    def next(self) -> bool:
-        """The precision of the next step (True: bf16)."""
-        if self.settled:
-            return self.choices[0]
-        return len(self.seconds[False]) > len(self.seconds[True])  # alternate, float32 first
-
-    def timed(self, bf16: bool, seconds: float) -> None:
-        """Record a step's seconds; once both are probed, keep the faster."""
-        if self.settled:
-            return
-        self.seconds[bf16].append(seconds)
-        if min(len(v) for v in self.seconds.values()) >= self.PROBE:
-            self.medians = {k: sorted(v)[len(v) // 2] for k, v in self.seconds.items()}
-            self.choices = [self.medians[True] * self.margin < self.medians[False]]
-
-    @property
-    def speedup(self) -> float | None:
-        """float32's median step time over bf16's, where both were timed."""
-        return self.medians[False] / self.medians[True] if self.medians else None
-
-    def autocast(self, bf16: bool):
-        return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=bf16)
-
-
-def describe(precision: StepPrecision) -> str:
-    """"bf16" or "float32", with the timed ratio where `auto` measured one."""
-    if not precision.settled:
-        return "float32 and bf16 (the fit ended while timing them)"
-    name = "bf16" if precision.next() else "float32"
-    return name if precision.speedup is None else f"{name} (bf16 steps timed {precision.speedup:.2f}x faster)"
-
-
 def optimise(parameters: list[nn.Parameter], loss_fn: Callable[[], torch.Tensor], cfg: PriorConfig,
              steps: int, seconds: float, progress: bool, desc: str, ema: float = 0.0) -> tuple[int, StepPrecision]:
     """AdamW on loss_fn() within StageBudget(steps, seconds) → the steps taken and the precision
@@ -575,7 +519,7 @@ def optimise(parameters: list[nn.Parameter], loss_fn: Callable[[], torch.Tensor]
     current = [p.detach() for p in parameters]  # views of the parameters, which the steps update in place
     averages = [p.clone() for p in current] if ema > 0 else []
     budget = StageBudget(steps, seconds)
-    precision = StepPrecision(cfg.mixed_precision, seconds > 0, parameters[0].device.type)
+    precision = StepPrecision(cfg.mixed_precision, seconds > 0, parameters[0].device.type, "prior.mixed_precision")
     with progress_bar(total=steps, desc=desc, disable=not progress, leave=False) as bar:
         while budget.progress() < 1:
             for group in opt.param_groups:
@@ -589,10 +533,7 @@ def optimise(parameters: list[nn.Parameter], loss_fn: Callable[[], torch.Tensor]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if not precision.settled:
-                if precision.device_type == "cuda":
-                    torch.cuda.synchronize()  # a GPU step's time is its kernels', not their launch's
-                precision.timed(bf16, time.perf_counter() - tic)
+            precision.step_done(bf16, tic)
             if averages:
                 decay = min(ema, (1 + budget.taken) / (10 + budget.taken))
                 torch._foreach_lerp_(averages, current, 1 - decay)
@@ -640,7 +581,7 @@ def fit_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device: torch
     taken, precision = train_velocity(prior.velocity, prior.codes_to_state(codes.float()), cfg, generator, device,
                                       progress, "fitting flow prior", stage_seconds(cfg, cfg.fit_steps, cfg.fit_steps))
     prior.steps_taken = {"flow": taken}
-    prior.step_precision = {"flow": describe(precision)}
+    prior.step_precision = {"flow": describe_precision(precision)}
     return prior.cpu().eval()
 
 
@@ -698,7 +639,8 @@ def fit_latent_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device
     flow_taken, flow_precision = train_velocity(prior.velocity, state, cfg, generator, device, progress,
                                                 "fitting the prior's flow", stage_seconds(cfg, cfg.fit_steps, total_steps))
     prior.steps_taken = {"autoencoder": autoencoder_taken, "flow": flow_taken}
-    prior.step_precision = {"autoencoder": describe(autoencoder_precision), "flow": describe(flow_precision)}
+    prior.step_precision = {"autoencoder": describe_precision(autoencoder_precision),
+                           "flow": describe_precision(flow_precision)}
     return prior.cpu().eval()
 
 

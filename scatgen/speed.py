@@ -8,7 +8,11 @@ thread the scheduler has preempted, and a 2-thread process on 2 cores runs 3.4-7
 fair share would be 2x. One thread has no such cliff, but alone it is slower than two. The
 governor measures both at run time and keeps the faster: the work loops (training steps, the
 prior's fit, refinement) report their units of work, and every so often it tries the other
-thread count for one window."""
+thread count for one window.
+
+On a CPU with native bf16 (AVX-512 BF16, AMX) matrix products under bf16 autocast run faster;
+without it they can run several times slower. `StepPrecision` times both in a loop's first steps
+and keeps the faster, for the loops that run on the clock (G's training, the prior's fit)."""
 
 from __future__ import annotations
 
@@ -58,6 +62,69 @@ class StepRate:
             return False
         self.warned = True
         return True
+
+
+class StepPrecision:
+    """Whether a loop's steps run under bf16 autocast (`option`: the config key that chose `mode`).
+
+    `auto` times both: the first steps alternate between float32 and bf16, PROBE of each, and the
+    rest keep bf16 only if its median step is at least `margin` faster. A loop with no clock gains
+    nothing from faster steps, and `auto` keeps it in float32 there, so that it is repeatable to
+    the bit. The parameters stay float32 either way: autocast only computes in bf16."""
+
+    PROBE = 12
+
+    def __init__(self, mode: str, timed: bool, device_type: str, option: str = "mixed_precision",
+                 margin: float = 1.1) -> None:
+        if mode not in ("auto", "no", "bf16"):
+            raise ValueError(f"{option} must be auto, no or bf16, got {mode!r}")
+        self.device_type, self.margin = device_type, margin
+        self.choices = [False, True] if mode == "auto" and timed else [mode == "bf16"]
+        self.seconds: dict[bool, list[float]] = {False: [], True: []}
+        self.medians: dict[bool, float] = {}  # each precision's median step, once both are probed
+
+    @property
+    def settled(self) -> bool:
+        return len(self.choices) == 1
+
+    def next(self) -> bool:
+        """The precision of the next step (True: bf16)."""
+        if self.settled:
+            return self.choices[0]
+        return len(self.seconds[False]) > len(self.seconds[True])  # alternate, float32 first
+
+    def timed(self, bf16: bool, seconds: float) -> None:
+        """Record a step's seconds; once both are probed, keep the faster."""
+        if self.settled:
+            return
+        self.seconds[bf16].append(seconds)
+        if min(len(v) for v in self.seconds.values()) >= self.PROBE:
+            self.medians = {k: sorted(v)[len(v) // 2] for k, v in self.seconds.items()}
+            self.choices = [self.medians[True] * self.margin < self.medians[False]]
+
+    def step_done(self, bf16: bool, started: float) -> None:
+        """A step that began at time.perf_counter() = `started` has ended; timed while probing."""
+        if self.settled:
+            return
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()  # a GPU step's time is its kernels', not their launch's
+        self.timed(bf16, time.perf_counter() - started)
+
+    @property
+    def speedup(self) -> float | None:
+        """float32's median step time over bf16's, where both were timed."""
+        return self.medians[False] / self.medians[True] if self.medians else None
+
+    def autocast(self, bf16: bool):
+        return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def describe_precision(precision: StepPrecision) -> str:
+    """"bf16" or "float32", with the timed ratio where `auto` measured one."""
+    if not precision.settled:
+        return "float32 and bf16 (the loop ended while timing them)"
+    name = "bf16" if precision.next() else "float32"
+    return name if precision.speedup is None else f"{name} (bf16 steps timed {precision.speedup:.2f}x faster)"
 
 
 class ThreadGovernor:

@@ -335,7 +335,7 @@ def test_ema_ends_the_fit_at_the_moving_average_of_the_steps(monkeypatch):
 
 
 def test_step_precision_auto_times_both_and_keeps_the_faster():
-    from scatgen.prior import StepPrecision
+    from scatgen.speed import StepPrecision
 
     def probe(float32_s: float, bf16_s: float) -> tuple[list[bool], bool]:
         precision = StepPrecision("auto", timed=True, device_type="cpu")
@@ -355,7 +355,7 @@ def test_step_precision_auto_times_both_and_keeps_the_faster():
     assert StepPrecision("auto", timed=False, device_type="cpu").next() is False
     assert StepPrecision("bf16", timed=False, device_type="cpu").next() is True
     with pytest.raises(ValueError, match="prior.mixed_precision must be auto, no or bf16"):
-        StepPrecision("fp16", timed=True, device_type="cpu")
+        StepPrecision("fp16", timed=True, device_type="cpu", option="prior.mixed_precision")
 
 
 @pytest.mark.parametrize("mode", ["no", "bf16"])

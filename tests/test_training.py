@@ -247,6 +247,39 @@ def test_compiled_generator_matches_eager():
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["bf16 faster", "bf16 slower", "no clock"])
+def test_cpu_training_times_bf16_and_keeps_the_faster_only_on_the_clock(tmp_path, monkeypatch, case):
+    from scatgen.speed import StepPrecision
+
+    def fake_step_done(self, bf16, started):  # timings made up, so the choice is the test's
+        self.timed(bf16, (0.01 if case == "bf16 faster" else 0.10) if bf16 else 0.05)
+
+    monkeypatch.setattr(StepPrecision, "step_done", fake_step_done)
+    steps = 2 * StepPrecision.PROBE + 6
+    minutes = 0 if case == "no clock" else 30  # 30 minutes: the clock bounds the run but does not end it
+    overrides = tiny_overrides(tmp_path, train__max_steps=steps, train__max_minutes=minutes, train__eval_every=1000,
+                               train__checkpoint_every=1000, prior__kind="normal")
+    trainer = Trainer(load_config(None, overrides), progress=False)
+    generator = trainer.accelerator.unwrap_model(trainer.model)
+    first = next(m for m in generator.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    seen = []  # the dtype each training step computed in (evaluation runs in eval mode)
+    first.register_forward_hook(lambda m, i, out: seen.append(out.dtype) if m.training else None)
+    metrics = trainer.train()
+    assert len(seen) == steps
+    if case == "no clock":  # float32 throughout, so that a run bound by steps repeats to the bit
+        assert set(seen) == {torch.float32} and metrics["train_precision"] == "float32"
+        return
+    probe = [torch.bfloat16 if i % 2 else torch.float32 for i in range(2 * StepPrecision.PROBE)]
+    assert seen[:len(probe)] == probe  # alternating, float32 first
+    kept = torch.bfloat16 if case == "bf16 faster" else torch.float32
+    assert set(seen[len(probe):]) == {kept}
+    assert metrics["train_precision"] == ("bf16 (bf16 steps timed 5.00x faster)" if case == "bf16 faster"
+                                          else "float32 (bf16 steps timed 0.50x faster)")
+    for p in generator.parameters():
+        assert p.dtype == torch.float32  # autocast computes in bf16; the weights stay float32
+
+
 def test_run_budget_gives_way_in_the_prior():
     from scatgen.finish import prior_minutes
 
