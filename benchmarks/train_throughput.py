@@ -38,6 +38,7 @@ VARIANTS = {  # name: (tree, overrides[, environment])
     "after, images rendered": ("this", ["--data.cache_images=false"]),
     "after": ("this", []),
     "after + compiled generator": ("this", ["--train.compile=true"]),
+    "after, bf16 autocast": ("this", ["--train.mixed_precision=bf16"]),  # auto keeps float32 in a run without a clock
     # OMP_NUM_THREADS set: train.py leaves the thread count alone (scatgen.speed.govern_threads)
     "after, thread governor off": ("this", [], {"OMP_NUM_THREADS": "2"}),
 }
