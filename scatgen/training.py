@@ -117,8 +117,7 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.paths.root), logging_dir=str(self.paths.logs)),
         )
         timed = cpu_auto and t.max_minutes > 0 and self.accelerator.num_processes == 1
-        self.precision = StepPrecision("auto" if timed else "no", timed, self.accelerator.device.type,
-                                       "train.mixed_precision")
+        self.precision = StepPrecision("auto", timed, self.accelerator.device.type, "train.mixed_precision")
         self.progress = progress and self.accelerator.is_main_process
         set_seed(cfg.run.seed)
         # Everything that can refuse the run does so here, before any encoding, and before
