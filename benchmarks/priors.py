@@ -24,7 +24,9 @@ shows the 16 closest pairs (sample, its nearest train image), ×4, to tell copie
 
 --fit fits priors on the run's train codes (timed) and adds them to the bundle; without it the
 bundle's priors are measured. --codes N fits them on the first N train images' codes instead (for
-polygons, N may exceed the run's data.num_train: the images are drawn on the fly). --set takes
+polygons, N may exceed the run's data.num_train: the images are drawn on the fly), and the
+memorisation check then compares against those N images (--memorisation-images of them, 5000 by
+default: keep the same share of N when comparing fits on different N). --set takes
 prior.* (for --fit) and refine.* overrides (for every row, the ceiling's too). Prints the table with the machine; writes RUN/priors.json.
 
 The rows that no prior changes (the ceiling, the refined reconstructions, the test images' features)
@@ -34,6 +36,7 @@ weights, torch's version and scatgen's source. A reused row says so; --no-cache 
 """
 
 import argparse
+import copy
 import hashlib
 import json
 import re
@@ -92,15 +95,19 @@ def main() -> None:
     parser.add_argument("--sde-noise", type=float, nargs="+", help="flow priors: one pair of sample rows per "
                         "noise (0 = the ODE), the same fitted prior (default: its own prior.sde_noise)")
     parser.add_argument("--inception", help="TorchScript FID Inception weights (default: the metrics extra's)")
+    parser.add_argument("--memorisation-images", type=int, default=5000,
+                        help="train images the memorisation check compares against, a seeded subset of the "
+                             "images whose codes the priors were fitted on (--codes N: the first N)")
     args = parser.parse_args()
     start = time.perf_counter()
 
     pipe = scatgen.load(args.run)
     overrides = dict(s.split("=", 1) for s in args.set)
     fit_seconds, fit_steps = {}, {}
+    # The images whose codes the priors are fitted on: the memorisation check compares against them.
+    source = replace(pipe.cfg, data=replace(pipe.cfg.data, num_train=args.codes)) if args.codes else pipe.cfg
     if args.fit:
         cfg = with_overrides(pipe.cfg, overrides)
-        source = replace(pipe.cfg, data=replace(pipe.cfg.data, num_train=args.codes)) if args.codes else pipe.cfg
         codes = encode_split(source, "train", pipe.encoder).codes
         for kind in args.fit:
             tic = time.perf_counter()
@@ -119,7 +126,9 @@ def main() -> None:
     real = _stack(load_split(pipe, "test"), 128)[:args.n]
     n = len(real)
     test_codes = pipe.encode(real)
-    train = _stack(load_split(pipe, "train", limit=5000, seed=0), 128)
+    seen = copy.copy(pipe)
+    seen.cfg = replace(pipe.cfg, data=source.data)
+    train = _stack(load_split(seen, "train", limit=args.memorisation_images, seed=0), 128)
 
     def features(images: torch.Tensor) -> torch.Tensor:
         return compute_features(net, to_unit(images))
