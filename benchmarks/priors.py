@@ -6,6 +6,7 @@
     python benchmarks/priors.py runs/polygons --fit latent_flow --codes 40000 --n 200   # more codes (polygons)
     python benchmarks/priors.py runs/polygons --set refine.tv=0.02 --n 200              # another refinement
     python benchmarks/priors.py runs/polygons --sde-noise 0 1                        # ODE against SDE, one prior
+    python benchmarks/priors.py runs/polygons --fit latent_flow --set prior.guide_at=0.25 --guidance 1 2  # autoguidance
     python benchmarks/priors.py runs/polygons --extras     # + the autoencoder's ceiling and interpolation midpoints
 
 Rows, all on the first N test images and Inception pool features (k=3 for precision/recall):
@@ -94,6 +95,8 @@ def main() -> None:
     parser.add_argument("--fit-seed", type=int, help="seed of the --fit priors (default: the run's run.seed)")
     parser.add_argument("--sde-noise", type=float, nargs="+", help="flow priors: one pair of sample rows per "
                         "noise (0 = the ODE), the same fitted prior (default: its own prior.sde_noise)")
+    parser.add_argument("--guidance", type=float, nargs="+", help="flow priors fitted with a guide (prior.guide_at): "
+                        "one pair of sample rows per guidance weight (1 = none), the same fitted prior")
     parser.add_argument("--inception", help="TorchScript FID Inception weights (default: the metrics extra's)")
     parser.add_argument("--memorisation-images", type=int, default=5000,
                         help="train images the memorisation check compares against, a seeded subset of the "
@@ -194,13 +197,20 @@ def main() -> None:
         with atomic_path(fixed_path) as tmp:
             torch.save({"key": key, "real_feats": real_feats, "ceiling_images": ceiling_images,
                         "ceiling": ceiling, "recons": recons}, tmp)
-    settings = {k: pipe.priors[k].settings() for k in kinds}  # as saved, before --sde-noise overrides
+    settings = {k: pipe.priors[k].settings() for k in kinds}  # as saved, before --sde-noise or --guidance overrides
     for kind in kinds:
         prior = pipe.priors[kind]
-        for noise in args.sde_noise if args.sde_noise and isinstance(prior, FlowPrior) else [None]:
-            label = kind
+        flow = isinstance(prior, FlowPrior)
+        samplers = [(noise, weight) for noise in (args.sde_noise if args.sde_noise and flow else [None])
+                    for weight in (args.guidance if args.guidance and flow else [None])]
+        for noise, weight in samplers:
+            label = [f"sde_noise {noise:g}"] if noise is not None else []
             if noise is not None:
-                prior.sde_noise, label = noise, f"{kind} (sde_noise {noise:g})"
+                prior.sde_noise = noise
+            if weight is not None:
+                prior.guidance = weight  # a prior fitted without a guide says so here
+                label.append(f"guidance {weight:g}")
+            label = f"{kind} ({', '.join(label)})" if label else kind
             codes, seconds = timed(pipe.random_codes, n, seed=args.seed, prior=kind)
             raw, more = timed(pipe.decode, codes, refine=0)
             measure(f"{label}, G", raw, seconds + more, ceiling, recons, pipe.decode(test_codes, refine=0))

@@ -97,6 +97,8 @@ class PriorConfig:
     sde_noise: float = 0.0  # flow: s >= 0, samples follow an SDE with g² = s(1 − t) on the ODE's marginals; 0 = the ODE (interpolation and variations always use it)
     conditioning: str = "input"  # flow: how the velocity MLP sees the time: input (concatenated once) | adaln (modulates every block)
     ema: float = 0.0  # flow: decay of the weights' moving average that sampling uses; 0 = the last weights
+    guide_at: float = 0.0  # flow: keep a copy of the velocity field as it was at this fraction of its fit (the guide); 0 = none
+    guidance: float = 1.0  # flow: w >= 1, samples follow guide + w (field − guide), away from the guide's errors (autoguidance); 1 = the field alone
     latent: int = 32  # latent_flow: size of the autoencoder's latent that the flow models
     autoencoder_width: int = 0  # latent_flow: hidden width of the autoencoder; 0 = prior.width (the flow's)
     autoencoder_steps: int = 3000  # latent_flow: optimizer steps of the autoencoder (the flow then takes fit_steps)
@@ -508,6 +510,13 @@ def validate(cfg: Config) -> None:
          f"prior.latent_noise={p.latent_noise} must be a number in [0, 1] (the latents' spread; 0 = none)"),
         (p.dims >= 0, f"prior.dims={p.dims} must be >= 0 (0, or more than whitening.d, models all components)"),
         (math.isfinite(p.ema) and 0 <= p.ema < 1, f"prior.ema={p.ema} must be in [0, 1) (0 = no moving average)"),
+        (math.isfinite(p.guide_at) and 0 <= p.guide_at < 1,
+         f"prior.guide_at={p.guide_at} must be in [0, 1): the fraction of the flow's fit at which its guide is kept (0 = none)"),
+        (math.isfinite(p.guidance) and p.guidance >= 1,
+         f"prior.guidance={p.guidance} must be a finite number >= 1 (1 = no guidance)"),
+        (p.guidance == 1 or p.guide_at > 0,
+         f"prior.guidance={p.guidance} guides the flow by an earlier copy of itself, and prior.guide_at=0 keeps none; "
+         f"set prior.guide_at (e.g. 0.25) or prior.guidance=1"),
         (math.isfinite(cfg.run.max_minutes) and cfg.run.max_minutes >= 0,
          f"run.max_minutes={cfg.run.max_minutes} must be a finite number >= 0 (0 = no run budget)"),
         (cfg.run.max_minutes == 0 or t.max_minutes == 0 or cfg.run.max_minutes > t.max_minutes,

@@ -28,7 +28,10 @@ Flows are invertible: `to_noise` carries codes to the noise the discrete sampler
 reproduce of a code is returned as a residual, so the round trip is exact. `vary` mixes a code's
 state with fresh noise part of the way and integrates back. `temperature` scales the starting
 noise. prior.sde_noise > 0 draws samples along an SDE with the ODE's marginals, whose noise
-corrects the field's errors on the way (benchmarks/README.md). A fit stops at its steps or at
+corrects the field's errors on the way (benchmarks/README.md). prior.guide_at keeps a copy of the
+field from early in its fit, and prior.guidance w > 1 then follows guide + w (field − guide):
+autoguidance (Karras et al. 2024), which steers away from the errors that the weaker copy makes
+more of, towards where the data are dense, without a class label. A fit stops at its steps or at
 prior.max_minutes (shared by its stages in proportion to their steps), whichever comes first,
 and its learning rate decays over the same; a fit on the clock runs its steps under bf16 autocast
 where they time faster than in float32 (prior.mixed_precision). A prior is saved as safetensors
@@ -306,6 +309,20 @@ VELOCITY_FIELDS: dict[str, Callable[[int, int, int], nn.Module]] = {
 }
 
 
+class GuidedField(nn.Module):
+    """guide + w (field − guide): a velocity field extrapolated away from a weaker version of
+    itself. Where both agree nothing changes; where the weaker one errs more, the step moves further
+    from its error."""
+
+    def __init__(self, field: nn.Module, guide: nn.Module, weight: float) -> None:
+        super().__init__()
+        self.field, self.guide, self.weight = field, guide, weight
+
+    def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        guide = self.guide(y, t)
+        return guide + self.weight * (self.field(y, t) - guide)
+
+
 @torch.no_grad()
 def integrate(velocity: nn.Module, y: torch.Tensor, t0: float, t1: float, steps: int) -> torch.Tensor:
     """Heun's method for dy/dt = v(y, t) from t0 to t1 (either way) in `steps` equal steps."""
@@ -361,13 +378,16 @@ class FlowPrior(CodePrior):
     components. An ODE is invertible, so a code maps to its noise and back (`to_noise`,
     `from_noise`), which interpolation and variations use. With sde_noise > 0, `sample` follows
     an SDE on the same marginals instead (integrate_sde: 2 × sample_steps Euler steps, as many
-    evaluations of the field as Heun's); the maps between codes and noise stay the ODE's."""
+    evaluations of the field as Heun's); the maps between codes and noise stay the ODE's.
+    With a guide (an earlier copy of the field) and guidance > 1, every one of these follows the
+    GuidedField instead."""
 
     kind = "flow"
     invertible = True
 
     def __init__(self, d: int, width: int = 512, depth: int = 3, sample_steps: int = 32, dims: int = 0,
-                 conditioning: str = "input", sde_noise: float = 0.0) -> None:
+                 conditioning: str = "input", sde_noise: float = 0.0, guided: bool = False,
+                 guidance: float = 1.0) -> None:
         super().__init__(d, dims)
         if not (math.isfinite(sde_noise) and sde_noise >= 0):
             raise ValueError(f"sde_noise must be a finite number >= 0 (0 = the ODE), got {sde_noise}")
@@ -377,6 +397,28 @@ class FlowPrior(CodePrior):
                              f"{', '.join(VELOCITY_FIELDS)}")
         self.width, self.depth, self.sample_steps, self.conditioning = width, depth, sample_steps, conditioning
         self.velocity = VELOCITY_FIELDS[conditioning](self.state_dims, width, depth)
+        # The guide: the field as it was early in the fit (prior.guide_at), kept for guidance.
+        self.guide = VELOCITY_FIELDS[conditioning](self.state_dims, width, depth) if guided else None
+        self.guidance = guidance
+
+    @property
+    def guidance(self) -> float:
+        return self._guidance
+
+    @guidance.setter
+    def guidance(self, weight: float) -> None:
+        if not (math.isfinite(weight) and weight >= 1):
+            raise ValueError(f"guidance must be a finite number >= 1 (1 = the field alone), got {weight}")
+        if weight != 1 and self.guide is None:
+            raise ValueError(f"guidance {weight:g} needs the flow's guide, and this prior kept none; "
+                             f"refit it with prior.guide_at > 0 (e.g. 0.25), or use guidance 1")
+        self._guidance = weight
+
+    def field(self) -> nn.Module:
+        """The velocity field that sampling, inversion and variations follow."""
+        if self.guide is None or self.guidance == 1:
+            return self.velocity
+        return GuidedField(self.velocity, self.guide, self.guidance)
 
     @property
     def state_dims(self) -> int:
@@ -384,7 +426,12 @@ class FlowPrior(CodePrior):
 
     def settings(self) -> dict[str, Any]:
         return {"d": self.d, "dims": self.dims, "width": self.width, "depth": self.depth,
-                "sample_steps": self.sample_steps, "conditioning": self.conditioning, "sde_noise": self.sde_noise}
+                "sample_steps": self.sample_steps, "conditioning": self.conditioning, "sde_noise": self.sde_noise,
+                **self.guide_settings()}
+
+    def guide_settings(self) -> dict[str, Any]:
+        # Absent for a prior without a guide, so that its file reads as before the setting existed.
+        return {"guided": True, "guidance": self.guidance} if self.guide is not None else {}
 
     def codes_to_state(self, codes: torch.Tensor) -> torch.Tensor:
         return codes[:, :self.dims]
@@ -401,20 +448,20 @@ class FlowPrior(CodePrior):
         if self.sde_noise == 0:
             return self._from_noise(noise)[:, :self.dims]
         self.eval()
-        state = integrate_sde(self.velocity, noise.to(self._device()), 2 * self.sample_steps, self.sde_noise, generator)
+        state = integrate_sde(self.field(), noise.to(self._device()), 2 * self.sample_steps, self.sde_noise, generator)
         return self.state_to_codes(state).cpu()[:, :self.dims]
 
     @torch.no_grad()
     def _from_noise(self, noise: torch.Tensor) -> torch.Tensor:
         self.eval()
-        state = integrate(self.velocity, noise.float().to(self._device()), 0.0, 1.0, self.sample_steps)
+        state = integrate(self.field(), noise.float().to(self._device()), 0.0, 1.0, self.sample_steps)
         return self.state_to_codes(state).cpu()
 
     @torch.no_grad()
     def _to_noise(self, codes: torch.Tensor) -> torch.Tensor:
         self.eval()
         state = self.codes_to_state(codes.float().to(self._device()))
-        return invert(self.velocity, state, 0.0, 1.0, self.sample_steps).cpu()
+        return invert(self.field(), state, 0.0, 1.0, self.sample_steps).cpu()
 
     @torch.no_grad()
     def vary(self, codes: torch.Tensor, strength: float, seed: int = 0) -> torch.Tensor:
@@ -431,7 +478,7 @@ class FlowPrior(CodePrior):
         state = self.codes_to_state(codes.to(self._device()))
         noise = torch.randn(state.shape, generator=torch.Generator().manual_seed(seed)).to(state.device)
         steps = max(1, math.ceil(self.sample_steps * strength))
-        varied = integrate(self.velocity, t * state + (1 - t) * noise, t, 1.0, steps)
+        varied = integrate(self.field(), t * state + (1 - t) * noise, t, 1.0, steps)
         return self.state_to_codes(varied).cpu() + t * (codes - self.project(codes))
 
     @torch.no_grad()
@@ -451,11 +498,13 @@ class LatentFlowPrior(FlowPrior):
     kind = "latent_flow"
 
     def __init__(self, d: int, latent: int = 32, width: int = 512, depth: int = 3, sample_steps: int = 32,
-                 conditioning: str = "input", autoencoder_width: int = 0, sde_noise: float = 0.0) -> None:
+                 conditioning: str = "input", autoencoder_width: int = 0, sde_noise: float = 0.0,
+                 guided: bool = False, guidance: float = 1.0) -> None:
         self.latent = latent
         # 0: the flow's width (what priors saved before the setting existed hold)
         self.autoencoder_width = autoencoder_width or width
-        super().__init__(d, width, depth, sample_steps, dims=0, conditioning=conditioning, sde_noise=sde_noise)
+        super().__init__(d, width, depth, sample_steps, dims=0, conditioning=conditioning, sde_noise=sde_noise,
+                         guided=guided, guidance=guidance)
         self.encoder = ResidualMLP(d, self.autoencoder_width, latent, depth)
         self.decoder = ResidualMLP(latent, self.autoencoder_width, d, depth)
         self.register_buffer("latent_mean", torch.zeros(latent))
@@ -468,7 +517,7 @@ class LatentFlowPrior(FlowPrior):
     def settings(self) -> dict[str, Any]:
         return {"d": self.d, "latent": self.latent, "width": self.width, "depth": self.depth,
                 "sample_steps": self.sample_steps, "conditioning": self.conditioning,
-                "autoencoder_width": self.autoencoder_width, "sde_noise": self.sde_noise}
+                "autoencoder_width": self.autoencoder_width, "sde_noise": self.sde_noise, **self.guide_settings()}
 
     def codes_to_state(self, codes: torch.Tensor) -> torch.Tensor:
         return (self.encoder(codes) - self.latent_mean) / self.latent_std
@@ -510,11 +559,12 @@ def stage_seconds(cfg: PriorConfig, steps: int, total_steps: int) -> float:
 
 
 def optimise(parameters: list[nn.Parameter], loss_fn: Callable[[], torch.Tensor], cfg: PriorConfig,
-             steps: int, seconds: float, progress: bool, desc: str, ema: float = 0.0) -> tuple[int, StepPrecision]:
+             steps: int, seconds: float, progress: bool, desc: str, ema: float = 0.0,
+             after_step: Callable[[StageBudget], None] | None = None) -> tuple[int, StepPrecision]:
     """AdamW on loss_fn() within StageBudget(steps, seconds) → the steps taken and the precision
     they ran in (StepPrecision). With ema > 0 the parameters end as their exponential moving
     average (decay ema, warmed up over the first steps as (1 + i) / (10 + i)), which is what
-    sampling then uses."""
+    sampling then uses. after_step(budget), if given, runs after every step."""
     opt = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=0.0)
     current = [p.detach() for p in parameters]  # views of the parameters, which the steps update in place
     averages = [p.clone() for p in current] if ema > 0 else []
@@ -539,6 +589,8 @@ def optimise(parameters: list[nn.Parameter], loss_fn: Callable[[], torch.Tensor]
                 torch._foreach_lerp_(averages, current, 1 - decay)
             work_done()
             budget.taken += 1
+            if after_step is not None:
+                after_step(budget)
             bar.update(1)
             if seconds > 0 and budget.taken % 100 == 0:  # the clock, not the step bound, usually ends the fit
                 bar.set_postfix(min=f"{budget.elapsed() / 60:.1f}/{seconds / 60:.1f}", refresh=False)
@@ -549,11 +601,19 @@ def optimise(parameters: list[nn.Parameter], loss_fn: Callable[[], torch.Tensor]
 
 def train_velocity(velocity: nn.Module, data: torch.Tensor, cfg: PriorConfig, generator: torch.Generator,
                    device: torch.device | str, progress: bool, desc: str,
-                   seconds: float = 0.0) -> tuple[int, StepPrecision]:
+                   seconds: float = 0.0, guide: nn.Module | None = None) -> tuple[int, StepPrecision]:
     """Conditional flow matching: regress v(y_t, t) on y − ε along y_t = (1 − t) ε + t y, for
     rows y of data (n, m); → the steps taken (cfg.fit_steps, or fewer when `seconds` run out) and
-    their precision."""
+    their precision. A guide (the field's architecture) receives a copy of the weights as they
+    are once cfg.guide_at of the fit has passed."""
     n = len(data)
+    pending = guide is not None
+
+    def keep_guide(budget: StageBudget) -> None:
+        nonlocal pending
+        if pending and budget.progress() >= cfg.guide_at:
+            guide.load_state_dict(velocity.state_dict())
+            pending = False
 
     def loss() -> torch.Tensor:
         y1 = data[torch.randint(n, (min(cfg.batch_size, n),), generator=generator)]
@@ -564,8 +624,10 @@ def train_velocity(velocity: nn.Module, data: torch.Tensor, cfg: PriorConfig, ge
 
     velocity.train()
     taken, precision = optimise(list(velocity.parameters()), loss, cfg, cfg.fit_steps, seconds, progress, desc,
-                                ema=cfg.ema)
+                                ema=cfg.ema, after_step=keep_guide if pending else None)
     velocity.eval()
+    if guide is not None:
+        guide.eval()
     return taken, precision
 
 
@@ -577,9 +639,10 @@ def fit_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device: torch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         prior = FlowPrior(d, cfg.width, cfg.depth, cfg.sample_steps, min(cfg.dims, d), cfg.conditioning,
-                          cfg.sde_noise).to(device)
+                          cfg.sde_noise, guided=cfg.guide_at > 0, guidance=cfg.guidance).to(device)
     taken, precision = train_velocity(prior.velocity, prior.codes_to_state(codes.float()), cfg, generator, device,
-                                      progress, "fitting flow prior", stage_seconds(cfg, cfg.fit_steps, cfg.fit_steps))
+                                      progress, "fitting flow prior", stage_seconds(cfg, cfg.fit_steps, cfg.fit_steps),
+                                      guide=prior.guide)
     prior.steps_taken = {"flow": taken}
     prior.step_precision = {"flow": describe_precision(precision)}
     return prior.cpu().eval()
@@ -611,7 +674,8 @@ def fit_latent_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         prior = LatentFlowPrior(d, cfg.latent, cfg.width, cfg.depth, cfg.sample_steps, cfg.conditioning,
-                                cfg.autoencoder_width, cfg.sde_noise).to(device)
+                                cfg.autoencoder_width, cfg.sde_noise, guided=cfg.guide_at > 0,
+                                guidance=cfg.guidance).to(device)
     codes = codes.float()
     total_steps = cfg.autoencoder_steps + cfg.fit_steps
 
@@ -637,7 +701,8 @@ def fit_latent_flow(codes: torch.Tensor, cfg: PriorConfig, seed: int = 0, device
         prior.latent_std.copy_(latents.std(0).clamp_min(1e-6))
         state = ((latents - prior.latent_mean) / prior.latent_std).cpu()
     flow_taken, flow_precision = train_velocity(prior.velocity, state, cfg, generator, device, progress,
-                                                "fitting the prior's flow", stage_seconds(cfg, cfg.fit_steps, total_steps))
+                                                "fitting the prior's flow", stage_seconds(cfg, cfg.fit_steps, total_steps),
+                                                guide=prior.guide)
     prior.steps_taken = {"autoencoder": autoencoder_taken, "flow": flow_taken}
     prior.step_precision = {"autoencoder": describe_precision(autoencoder_precision),
                            "flow": describe_precision(flow_precision)}
