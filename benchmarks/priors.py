@@ -17,6 +17,7 @@ Rows, all on the first N test images and Inception pool features (k=3 for precis
 and with --extras:
   PRIOR projection     (latent_flow) test codes through the prior's autoencoder, refined: its own ceiling
   interpolation midpoints, path=prior and path=code, between test codes i and i + 1, refined
+These follow each prior as saved (its sde_noise and guidance), whatever --sde-noise and --guidance ask.
 Each sample row carries its precision as a ratio of the ceiling's, FID as a ratio of the refined
 reconstructions', and the memorisation check: the median pixel distance of samples to their
 nearest train image over that of the ceiling images (made the same way), and the share of
@@ -216,6 +217,8 @@ def main() -> None:
             measure(f"{label}, G", raw, seconds + more, ceiling, recons, pipe.decode(test_codes, refine=0))
             refined, more = timed(pipe.decode, codes, refine=args.refine, dims=prior.dims, drawn_by=kind)
             measure(f"{label}, refined", refined, seconds + more, ceiling, recons, ceiling_images)
+        if flow:  # the rows below follow the prior as saved
+            prior.sde_noise, prior.guidance = settings[kind]["sde_noise"], settings[kind].get("guidance", 1.0)
         if args.extras and prior.kind == "latent_flow":
             projected, seconds = timed(pipe.decode, prior.project(test_codes), refine=args.refine, drawn_by=kind)
             measure(f"{kind}, test codes through its autoencoder, refined", projected, seconds, ceiling, recons)

@@ -146,12 +146,15 @@ def cmd_sample(pipe, args) -> None:
     prior = args.prior or pipe.default_prior
     refine = pipe.refine_settings(args.refine, drawn=True).steps
     stem = f"{prior}-refine{refine}-seed{args.seed}-t{args.temperature:g}"
-    if args.sde_noise is not None:
+    for flag, setting, value, tag in (("--sde-noise", "sde_noise", args.sde_noise, "sde"),
+                                      ("--guidance", "guidance", args.guidance, "g")):
+        if value is None:
+            continue
         code_prior = pipe.prior(prior)
         if not isinstance(code_prior, FlowPrior):
-            raise ValueError(f"--sde-noise applies to flow and latent_flow priors; '{prior}' has no SDE to follow")
-        code_prior.sde_noise = args.sde_noise  # this command only; the bundle's file keeps its own
-        stem += f"-sde{args.sde_noise:g}"
+            raise ValueError(f"{flag} applies to flow and latent_flow priors; '{prior}' has no field to follow")
+        setattr(code_prior, setting, value)  # this command only; the bundle's file keeps its own
+        stem += f"-{tag}{value:g}"
     # All codes at once, so that the images are pipe.sample(n)'s; decoded, refined and written a chunk
     # at a time, so that memory holds one chunk and the grid's first GRID_MAX images.
     codes = pipe.random_codes(args.n, seed=args.seed, temperature=args.temperature, prior=prior)
@@ -409,6 +412,10 @@ def non_negative_float(text: str) -> float:
     return number_arg(text, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 
 
+def number_at_least_one(text: str) -> float:
+    return number_arg(text, lambda v: math.isfinite(v) and v >= 1, "a finite number >= 1")
+
+
 def unit_interval(text: str) -> float:
     return number_arg(text, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
@@ -445,6 +452,9 @@ def use(argv: list[str], prog: str | None = None, description: str | None = None
     parsers["sample"].add_argument("--sde-noise", type=non_negative_float,
                                    help="flow, latent_flow: draw along the SDE with this noise, 0 = the ODE "
                                         "(default: the prior's prior.sde_noise)")
+    parsers["sample"].add_argument("--guidance", type=number_at_least_one,
+                                   help="flow, latent_flow fitted with prior.guide_at: guidance weight, 1 = none "
+                                        "(default: the prior's prior.guidance)")
     parsers["sample"].add_argument("--individual", action="store_true", help="also write one PNG per sample")
     parsers["sample"].add_argument("--nrow", type=count(1), default=8)
     parsers["interpolate"].add_argument("--a", required=True, help="image path, train:I, test:I or seed:K")

@@ -410,8 +410,9 @@ class FlowPrior(CodePrior):
         if not (math.isfinite(weight) and weight >= 1):
             raise ValueError(f"guidance must be a finite number >= 1 (1 = the field alone), got {weight}")
         if weight != 1 and self.guide is None:
-            raise ValueError(f"guidance {weight:g} needs the flow's guide, and this prior kept none; "
-                             f"refit it with prior.guide_at > 0 (e.g. 0.25), or use guidance 1")
+            raise ValueError(f"guidance {weight:g} needs the flow's guide, and this prior kept none; refit it "
+                             f"with prior.guide_at > 0 (`sample.py fit-prior RUN --set prior.guide_at=0.25`), "
+                             f"or use guidance 1")
         self._guidance = weight
 
     def field(self) -> nn.Module:

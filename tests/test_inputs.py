@@ -155,6 +155,32 @@ def test_sample_sde_noise_switches_the_priors_sampler_for_the_command_only(run_d
     assert len(err.strip().splitlines()) == 1
 
 
+
+@pytest.mark.slow
+def test_sample_guidance_needs_a_guide_and_applies_to_the_command_only(run_dir, tmp_path, capsys):
+    import shutil
+
+    from scatgen.bundle import find_bundle
+    from scatgen.prior import load_prior
+
+    status, err = cli(capsys, "sample", str(run_dir), "--guidance", "2", "--out", str(tmp_path))
+    assert status == 1 and "guidance 2 needs the flow's guide" in err and "prior.guide_at=0.25" in err, err
+    assert len(err.strip().splitlines()) == 1
+    status, err = cli(capsys, "sample", str(run_dir), "--guidance", "0.5", "--out", str(tmp_path))
+    assert status == 2 and "expected a finite number >= 1, got 0.5" in err
+    bundle = tmp_path / "model"
+    shutil.copytree(find_bundle(run_dir), bundle)
+    assert cli(capsys, "fit-prior", str(bundle), "--kind", "flow", "--set", "prior.fit_steps=4",
+               "--set", "prior.guide_at=0.5", "--set", "prior.guidance=2")[0] == 0
+    outs = {}
+    for weight in ("1", "3"):
+        assert cli(capsys, "sample", str(bundle), "--n", "4", "--refine", "0", "--guidance", weight,
+                   "--out", str(tmp_path / weight))[0] == 0
+        [grid_file] = (tmp_path / weight).glob(f"samples-flow-refine0-seed0-t1-g{weight}.png")
+        outs[weight] = grid_file.read_bytes()
+    assert outs["1"] != outs["3"]
+    assert load_prior(bundle / "priors" / "flow.safetensors").guidance == 2
+
 # 4. duplicated YAML keys --------------------------------------------------------------------------------------
 
 def test_a_duplicated_yaml_key_is_an_error_naming_both_lines(tmp_path):

@@ -523,7 +523,7 @@ def test_guided_prior_saves_loads_samples_per_seed_and_inverts(tmp_path, fitted_
 def test_bad_guidance_is_a_one_line_error():
     from scatgen.config import Config, validate
 
-    with pytest.raises(ValueError, match="guidance 2 needs the flow's guide.*prior.guide_at > 0"):
+    with pytest.raises(ValueError, match="guidance 2 needs the flow's guide.*prior.guide_at > 0.*fit-prior"):
         FlowPrior(d=4, width=8, depth=1, guidance=2.0)
     with pytest.raises(ValueError, match="guidance must be a finite number >= 1"):
         FlowPrior(d=4, width=8, depth=1, guided=True, guidance=0.5)
