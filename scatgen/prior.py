@@ -29,9 +29,9 @@ reproduce of a code is returned as a residual, so the round trip is exact. `vary
 state with fresh noise part of the way and integrates back. `temperature` scales the starting
 noise. prior.sde_noise > 0 draws samples along an SDE with the ODE's marginals, whose noise
 corrects the field's errors on the way (benchmarks/README.md). prior.guide_at keeps a copy of the
-field from early in its fit, and prior.guidance w > 1 then follows guide + w (field − guide):
-autoguidance (Karras et al. 2024), which steers away from the errors that the weaker copy makes
-more of, towards where the data are dense, without a class label. A fit stops at its steps or at
+field from early in its fit, and prior.guidance w > 1 then draws samples along guide + w (field −
+guide): autoguidance (Karras et al. 2024), which steers away from the errors that the weaker copy
+makes more of, without a class label. Interpolation and variations follow the field alone. A fit stops at its steps or at
 prior.max_minutes (shared by its stages in proportion to their steps), whichever comes first,
 and its learning rate decays over the same; a fit on the clock runs its steps under bf16 autocast
 where they time faster than in float32 (prior.mixed_precision). A prior is saved as safetensors
@@ -379,8 +379,8 @@ class FlowPrior(CodePrior):
     `from_noise`), which interpolation and variations use. With sde_noise > 0, `sample` follows
     an SDE on the same marginals instead (integrate_sde: 2 × sample_steps Euler steps, as many
     evaluations of the field as Heun's); the maps between codes and noise stay the ODE's.
-    With a guide (an earlier copy of the field) and guidance > 1, every one of these follows the
-    GuidedField instead."""
+    With a guide (an earlier copy of the field) and guidance > 1, `sample` follows the GuidedField
+    instead, by either sampler; the maps between codes and noise stay the field's own."""
 
     kind = "flow"
     invertible = True
@@ -415,8 +415,10 @@ class FlowPrior(CodePrior):
                              f"or use guidance 1")
         self._guidance = weight
 
-    def field(self) -> nn.Module:
-        """The velocity field that sampling, inversion and variations follow."""
+    def sampling_field(self) -> nn.Module:
+        """The velocity field that draws samples. The maps between codes and noise, and variations,
+        follow the field alone: guidance moves a draw away from where the field would carry its
+        noise, so a code inverted through it does not come back along the path it would take."""
         if self.guide is None or self.guidance == 1:
             return self.velocity
         return GuidedField(self.velocity, self.guide, self.guidance)
@@ -445,24 +447,25 @@ class FlowPrior(CodePrior):
         return next(self.parameters()).device
 
     def _sample(self, n: int, generator: torch.Generator, temperature: float) -> torch.Tensor:
-        noise = temperature * torch.randn(n, self.state_dims, generator=generator)
-        if self.sde_noise == 0:
-            return self._from_noise(noise)[:, :self.dims]
+        noise = temperature * torch.randn(n, self.state_dims, generator=generator).to(self._device())
         self.eval()
-        state = integrate_sde(self.field(), noise.to(self._device()), 2 * self.sample_steps, self.sde_noise, generator)
+        if self.sde_noise == 0:
+            state = integrate(self.sampling_field(), noise, 0.0, 1.0, self.sample_steps)
+        else:
+            state = integrate_sde(self.sampling_field(), noise, 2 * self.sample_steps, self.sde_noise, generator)
         return self.state_to_codes(state).cpu()[:, :self.dims]
 
     @torch.no_grad()
     def _from_noise(self, noise: torch.Tensor) -> torch.Tensor:
         self.eval()
-        state = integrate(self.field(), noise.float().to(self._device()), 0.0, 1.0, self.sample_steps)
+        state = integrate(self.velocity, noise.float().to(self._device()), 0.0, 1.0, self.sample_steps)
         return self.state_to_codes(state).cpu()
 
     @torch.no_grad()
     def _to_noise(self, codes: torch.Tensor) -> torch.Tensor:
         self.eval()
         state = self.codes_to_state(codes.float().to(self._device()))
-        return invert(self.field(), state, 0.0, 1.0, self.sample_steps).cpu()
+        return invert(self.velocity, state, 0.0, 1.0, self.sample_steps).cpu()
 
     @torch.no_grad()
     def vary(self, codes: torch.Tensor, strength: float, seed: int = 0) -> torch.Tensor:
@@ -479,7 +482,7 @@ class FlowPrior(CodePrior):
         state = self.codes_to_state(codes.to(self._device()))
         noise = torch.randn(state.shape, generator=torch.Generator().manual_seed(seed)).to(state.device)
         steps = max(1, math.ceil(self.sample_steps * strength))
-        varied = integrate(self.field(), t * state + (1 - t) * noise, t, 1.0, steps)
+        varied = integrate(self.velocity, t * state + (1 - t) * noise, t, 1.0, steps)
         return self.state_to_codes(varied).cpu() + t * (codes - self.project(codes))
 
     @torch.no_grad()

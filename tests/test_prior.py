@@ -512,8 +512,16 @@ def test_guided_prior_saves_loads_samples_per_seed_and_inverts(tmp_path, fitted_
     unguided = loaded.sample(6, seed=2)
     loaded.guidance = 1.0
     assert not torch.equal(loaded.sample(6, seed=2), unguided)
-    prior.sde_noise = 0.0  # the maps between codes and noise follow the guided ODE
+    prior.sde_noise = 0.0  # the ODE sampler is guided too
+    guided = prior.sample(6, seed=2)
+    prior.guidance = 1.0
+    assert not torch.equal(prior.sample(6, seed=2), guided)
+    # Interpolation and variations follow the field alone: a code inverted through the guided field
+    # would not come back along its own path.
+    maps = prior.to_noise(codes[:32]), prior.vary(codes[:4], 0.5, seed=1)
+    prior.guidance = 2.0
     noise, residual = prior.to_noise(codes[:32])
+    assert torch.equal(noise, maps[0][0]) and torch.equal(prior.vary(codes[:4], 0.5, seed=1), maps[1])
     back = prior.from_noise(noise, residual)
     assert ((back - codes[:32]).norm(dim=1) / codes[:32].norm(dim=1)).max() <= 1e-3
     # A prior saved without a guide reads as before: no guide settings in its file.
