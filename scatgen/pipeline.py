@@ -240,8 +240,11 @@ class Pipeline(ModelHubMixin, library_name="scatgen", model_card_template=MODEL_
         noise = torch.stack([slerp(u, v, t) for u, v in zip(noise_a, noise_b)])  # (n, K, m)
         fade_a, fade_b = (1 - t).square()[:, None], t.square()[:, None]  # (K, 1)
         rest = fade_a * rest_a[:, None] + fade_b * rest_b[:, None]  # (n, K, d)
-        codes = code_prior.from_noise(noise.flatten(0, 1)).reshape(len(a), len(t), -1)
-        return codes + rest
+        codes = code_prior.from_noise(noise.flatten(0, 1)).reshape(len(a), len(t), -1) + rest
+        # The ends themselves, not their round trip through the noise, which returns them only up to
+        # rounding (and refinement can enlarge that).
+        codes[:, t == 0], codes[:, t == 1] = a[:, None].float(), b[:, None].float()
+        return codes
 
     def interpolation_path(self, path: str | None = None, spherical: bool = False, prior: str | None = None) -> str:
         """`path`, or for None the default: 'prior' where that prior is invertible and the path is
