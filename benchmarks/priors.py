@@ -3,7 +3,7 @@
     python benchmarks/priors.py runs/polygons                      # N=500, the bundle's priors
     python benchmarks/priors.py runs/polygons --fit flow latent_flow --n 200
     python benchmarks/priors.py runs/polygons --fit latent_flow --set prior.latent=16 --set prior.fit_steps=8000
-    python benchmarks/priors.py runs/polygons --fit latent_flow --codes 40000 --n 200   # more codes (polygons)
+    python benchmarks/priors.py runs/polygons --fit latent_flow --codes 40000 --memorisation-images 20000  # more codes
     python benchmarks/priors.py runs/polygons --set refine.tv=0.02 --n 200              # another refinement
     python benchmarks/priors.py runs/polygons --sde-noise 0 1                        # ODE against SDE, one prior
     python benchmarks/priors.py runs/polygons --fit latent_flow --set prior.guide_at=0.25 --guidance 1 2  # autoguidance
