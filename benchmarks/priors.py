@@ -205,13 +205,14 @@ def main() -> None:
         samplers = [(noise, weight) for noise in (args.sde_noise if args.sde_noise and flow else [None])
                     for weight in (args.guidance if args.guidance and flow else [None])]
         for noise, weight in samplers:
-            label = [f"sde_noise {noise:g}"] if noise is not None else []
+            sampler = []
             if noise is not None:
                 prior.sde_noise = noise
+                sampler.append(f"sde_noise {noise:g}")
             if weight is not None:
                 prior.guidance = weight  # a prior fitted without a guide says so here
-                label.append(f"guidance {weight:g}")
-            label = f"{kind} ({', '.join(label)})" if label else kind
+                sampler.append(f"guidance {weight:g}")
+            label = f"{kind} ({', '.join(sampler)})" if sampler else kind
             codes, seconds = timed(pipe.random_codes, n, seed=args.seed, prior=kind)
             raw, more = timed(pipe.decode, codes, refine=0)
             measure(f"{label}, G", raw, seconds + more, ceiling, recons, pipe.decode(test_codes, refine=0))

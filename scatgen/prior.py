@@ -31,11 +31,11 @@ noise. prior.sde_noise > 0 draws samples along an SDE with the ODE's marginals, 
 corrects the field's errors on the way (benchmarks/README.md). prior.guide_at keeps a copy of the
 field from early in its fit, and prior.guidance w > 1 then draws samples along guide + w (field −
 guide): autoguidance (Karras et al. 2024), which steers away from the errors that the weaker copy
-makes more of, without a class label. Interpolation and variations follow the field alone. A fit stops at its steps or at
-prior.max_minutes (shared by its stages in proportion to their steps), whichever comes first,
-and its learning rate decays over the same; a fit on the clock runs its steps under bf16 autocast
-where they time faster than in float32 (prior.mixed_precision). A prior is saved as safetensors
-with its settings as JSON metadata; nothing is pickled.
+makes more of, without a class label. Interpolation and variations follow the field alone. A fit
+stops at its steps or at prior.max_minutes (shared by its stages in proportion to their steps),
+whichever comes first, and its learning rate decays over the same; a fit on the clock runs its
+steps under bf16 autocast where they time faster than in float32 (prior.mixed_precision). A prior
+is saved as safetensors with its settings as JSON metadata; nothing is pickled.
 """
 
 from __future__ import annotations

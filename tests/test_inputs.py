@@ -155,7 +155,6 @@ def test_sample_sde_noise_switches_the_priors_sampler_for_the_command_only(run_d
     assert len(err.strip().splitlines()) == 1
 
 
-
 @pytest.mark.slow
 def test_sample_guidance_needs_a_guide_and_applies_to_the_command_only(run_dir, tmp_path, capsys):
     import shutil
@@ -180,6 +179,7 @@ def test_sample_guidance_needs_a_guide_and_applies_to_the_command_only(run_dir, 
         outs[weight] = grid_file.read_bytes()
     assert outs["1"] != outs["3"]
     assert load_prior(bundle / "priors" / "flow.safetensors").guidance == 2
+
 
 # 4. duplicated YAML keys --------------------------------------------------------------------------------------
 
