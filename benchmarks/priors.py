@@ -9,20 +9,27 @@
     python benchmarks/priors.py runs/polygons --fit latent_flow --set prior.guide_at=0.25 --guidance 1 2  # autoguidance
     python benchmarks/priors.py runs/polygons --extras     # + the autoencoder's ceiling and interpolation midpoints
 
-Rows, all on the first N test images and Inception pool features (k=3 for precision/recall):
-  ceiling          test codes decoded and refined towards all d components (with refine.tv): what a
+Every row is scored against the reference: the first N test images, by Inception pool features
+(FID; precision/recall with k=3). The rows made from test images use the next N (N..2N), never the
+reference's own: an image scored against a reference that holds its own original finds its twin
+among the k nearest neighbours, and a prior's samples have no twin (benchmarks/README.md, "Unpaired").
+  real images      test images N..2N as they are: what the data itself scores at this N
+  ceiling          test codes N..2N decoded and refined towards all d components (with refine.tv): what a
                    perfect prior gives
-  recons refined   test reconstructions refined towards the full S_J x (the FID reference of the targets)
+  recons refined   test images N..2N reconstructed and refined towards the full S_J x
+  ..., paired      the ceiling and reconstructions of the reference's own images, as sessions before the
+                   unpaired rows measured them: comparable with their tables, not with a prior's samples
   PRIOR, G / refined   N codes drawn from the prior, decoded by G alone and refined
 and with --extras:
-  PRIOR projection     (latent_flow) test codes through the prior's autoencoder, refined: its own ceiling
-  interpolation midpoints, path=prior and path=code, between test codes i and i + 1, refined
+  PRIOR projection     (latent_flow) test codes N..2N through the prior's autoencoder, refined: its own ceiling
+  interpolation midpoints, path=prior and path=code, between test codes N + i and N + i + 1, refined
 These follow each prior as saved (its sde_noise and guidance), whatever --sde-noise and --guidance ask.
 Each sample row carries its precision as a ratio of the ceiling's, FID as a ratio of the refined
 reconstructions', and the memorisation check: the median pixel distance of samples to their
 nearest train image over that of the ceiling images (made the same way), and the share of
 samples closer to the train set than 99% of the ceiling images are (near-copies); RUN/priors-closest-ROW.png
 shows the 16 closest pairs (sample, its nearest train image), ×4, to tell copies from shared backgrounds.
+The test split needs 2N images; polygons draw the ones past data.num_test on the fly.
 
 --fit fits priors on the run's train codes (timed) and adds them to the bundle; without it the
 bundle's priors are measured. --codes N fits them on the first N train images' codes instead (for
@@ -31,7 +38,7 @@ memorisation check then compares against those N images (--memorisation-images o
 default: keep the same share of N when comparing fits on different N). --set takes
 prior.* (for --fit) and refine.* overrides (for every row, the ceiling's too). Prints the table with the machine; writes RUN/priors.json.
 
-The rows that no prior changes (the ceiling, the refined reconstructions, the test images' features)
+The rows that no prior changes (real images, the ceilings, the refined reconstructions, the reference's features)
 are kept in RUN/priors-fixed.pt and reused while everything they depend on is unchanged: the
 bundle's generator, whitening and config, the refinement settings, N, the device, the Inception
 weights, torch's version and scatgen's source. A reused row says so; --no-cache recomputes them.
@@ -66,6 +73,7 @@ from scatgen.prior import PRIOR_KINDS, FlowPrior, fit_prior  # noqa: E402
 from scatgen.utils import atomic_path, cache_key  # noqa: E402
 
 FIXED_FILE = "priors-fixed.pt"
+FIXED_ROWS = {"key", "real_feats", "ceiling_images", "rows"}
 
 
 def fixed_rows_key(run: str, pipe: scatgen.Pipeline, n: int, refine: int | None, inception: str | None) -> str:
@@ -76,8 +84,22 @@ def fixed_rows_key(run: str, pipe: scatgen.Pipeline, n: int, refine: int | None,
         source.update(path.read_bytes())
     return cache_key({"bundle": {k: v for k, v in sums.items() if not k.startswith("priors/")},
                       "refine": pipe.cfg.refine, "steps": refine, "n": n, "inception": inception,
-                      "device": str(pipe.device),
+                      "device": str(pipe.device), "layout": "unpaired",
                       "scatgen": source.hexdigest(), "torch": torch.__version__})
+
+
+def test_halves(pipe: scatgen.Pipeline, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference (test images 0..n) and the images the ceiling rows are made from (n..2n)."""
+    tested = pipe
+    if pipe.cfg.data.name == "polygons" and pipe.cfg.data.num_test < 2 * n:  # procedural: draw more
+        tested = copy.copy(pipe)
+        tested.cfg = replace(pipe.cfg, data=replace(pipe.cfg.data, num_test=2 * n))
+    images = _stack(load_split(tested, "test"), 128)
+    if len(images) < 2 * n:
+        raise SystemExit(f"priors.py scores N={n} images against N test images and makes its ceiling from N "
+                         f"others, and the test split has {len(images)} readable images: pass --n "
+                         f"{len(images) // 2} or less")
+    return images[:n], images[n:2 * n]
 
 
 def main() -> None:
@@ -127,9 +149,9 @@ def main() -> None:
     kinds = args.priors if args.priors is not None else [k for k in pipe.priors if k != "normal"] + ["normal"]
 
     net = load_inception(args.inception)
-    real = _stack(load_split(pipe, "test"), 128)[:args.n]
-    n = len(real)
-    test_codes = pipe.encode(real)
+    reference, held = test_halves(pipe, args.n)
+    n = len(reference)
+    test_codes = pipe.encode(held)
     seen = copy.copy(pipe)
     seen.cfg = replace(pipe.cfg, data=source.data)
     train = _stack(load_split(seen, "train", limit=args.memorisation_images, seed=0), 128)
@@ -144,16 +166,16 @@ def main() -> None:
     if not args.no_cache and fixed_path.is_file():
         try:
             fixed = torch.load(fixed_path, weights_only=True)
-            if not (isinstance(fixed, dict) and {"key", "real_feats", "ceiling_images", "ceiling", "recons"} <= set(fixed)):
+            if not (isinstance(fixed, dict) and "key" in fixed):
                 raise ValueError("not a priors.py cache")
         except Exception as e:  # a damaged cache is only a slower run
             print(f"{fixed_path} is unreadable ({type(e).__name__}): recomputing its rows")
             fixed = None
-        if fixed is not None and fixed["key"] != key:
-            print(f"{fixed_path} was made for another bundle, refinement, N, device, Inception or scatgen source: "
-                  f"recomputing its rows")
+        if fixed is not None and (fixed["key"] != key or not FIXED_ROWS <= set(fixed)):
+            print(f"{fixed_path} was made for another bundle, refinement, N, device, Inception, scatgen source or "
+                  f"version of this script: recomputing its rows")
             fixed = None
-    real_feats = fixed["real_feats"] if fixed else features(real)
+    real_feats = fixed["real_feats"] if fixed else features(reference)
     rows: list[dict] = []
 
     def measure(name: str, images: torch.Tensor, seconds: float, ceiling: dict | None = None,
@@ -185,19 +207,26 @@ def main() -> None:
     # reconstructions with none.
     drawn_tv = pipe.cfg.refine.sample_tv
     if fixed:
-        ceiling_images, ceiling, recons = fixed["ceiling_images"], fixed["ceiling"], fixed["recons"]
-        for row in (ceiling, recons):
+        ceiling_images = fixed["ceiling_images"]
+        for row in fixed["rows"]:
             row["reused"] = True
             rows.append(row)
             print(format_row(row), flush=True)
+        ceiling, recons = rows[0], rows[1]
     else:
         ceiling_images, seconds = timed(pipe.decode, test_codes, refine=args.refine)
         ceiling = measure("ceiling: test codes, refined", ceiling_images, seconds)
-        recons_images, seconds = timed(pipe.reconstruct, real, refine=args.refine)
+        recons_images, seconds = timed(pipe.reconstruct, held, refine=args.refine)
         recons = measure("test reconstructions, refined", recons_images, seconds, ceiling)
+        measure("real images (test N..2N)", held, 0.0, ceiling, recons)
+        # The measure of sessions before the unpaired rows: each image's original is in the reference.
+        paired, seconds = timed(pipe.decode, pipe.encode(reference), refine=args.refine)
+        measure("ceiling, paired (the reference's own test codes), refined", paired, seconds, ceiling, recons)
+        paired, seconds = timed(pipe.reconstruct, reference, refine=args.refine)
+        measure("test reconstructions, paired (the reference's own), refined", paired, seconds, ceiling, recons)
         with atomic_path(fixed_path) as tmp:
             torch.save({"key": key, "real_feats": real_feats, "ceiling_images": ceiling_images,
-                        "ceiling": ceiling, "recons": recons}, tmp)
+                        "rows": [dict(row) for row in rows]}, tmp)
     settings = {k: pipe.priors[k].settings() for k in kinds}  # as saved, before --sde-noise or --guidance overrides
     for kind in kinds:
         prior = pipe.priors[kind]
