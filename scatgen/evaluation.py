@@ -130,10 +130,16 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
             report["test_codes"] = code_statistics(codes)
     report["reconstruction_gap_psnr"] = report["train_reconstruction"]["psnr"] - report["test_reconstruction"]["psnr"]
 
-    # Everything below is on the first n test images, raw and refined, so that FID is at equal N.
+    # Every FID row below is at equal N against the reference, the first n test images. The
+    # reconstructions are of the next n: scored against a reference that holds its own original, an
+    # image finds that twin among its nearest features, and a prior's samples have none
+    # (benchmarks/README.md, "Unpaired").
     test_images = _stack(test_set, batch_size)
-    n = min(num_fid, len(test_images))
-    real = test_images[:n]
+    n = min(num_fid, len(test_images) // 2)
+    if n < 1:
+        raise ValueError(f"evaluate needs at least 2 readable test images (half the FID reference, half "
+                         f"reconstructed), and the test split has {len(test_images)}")
+    reference, real = test_images[:n], test_images[n:2 * n]
     recons = {"raw": pipe.reconstruct(real, refine=0)}
     samples: dict[str, dict[str, torch.Tensor]] = {}
     sample_codes: dict[str, torch.Tensor] = {}
@@ -150,8 +156,8 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
             seconds["decode"] += spent
     for kind, images in recons.items():
         p, s = psnr(to_unit(images), to_unit(real)), ssim(to_unit(images), to_unit(real))
-        report[f"test_reconstruction_{kind}_first_n"] = {"psnr": finite_mean(p),
-                                                          "ssim": s.mean().item(), "n": n}
+        report[f"test_reconstruction_{kind}_fid_images"] = {"psnr": finite_mean(p), "ssim": s.mean().item(),
+                                                            "n": n, "images": f"test {n}..{2 * n}"}
     cycle_prior = "normal" if "normal" in samples else priors[0]
     report["cycle_error"] = {kind: cycle_errors(pipe, sample_codes[cycle_prior], images)
                              for kind, images in samples[cycle_prior].items()}
@@ -177,9 +183,10 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
             return {"fid": fid_from_features(real_feats, feats), "kid": kid, "kid_std": kid_std,
                     **precision_recall(real_feats, feats, k=3)}
 
-        real_feats = features(real)
+        real_feats = features(reference)
         report["fid"] = {
-            "n": n, "reference": "test split", "image_size": pipe.image_size,
+            "n": n, "reference": f"test images 0..{n}; reconstructions of test images {n}..{2 * n}",
+            "image_size": pipe.image_size,
             "resize": getattr(net, "resize_method", "none (stand-in feature network)"),
             "network": "FID Inception (TorchScript, 2048-d pool3)" if feature_net is None else type(net).__name__,
             "reconstructions": {kind: scores(real_feats, images) for kind, images in recons.items()},
@@ -220,10 +227,10 @@ def markdown_table(report: dict[str, Any]) -> str:
         ("test codes: ‖mean‖, ‖Σ−I‖_F/√d, excess kurtosis",
          ", ".join(_fmt(report["test_codes"][k]) for k in list(report["test_codes"])[:3])),
     ]
-    raw = report["test_reconstruction_raw_first_n"]
-    if "test_reconstruction_refined_first_n" in report:
-        refined = report["test_reconstruction_refined_first_n"]
-        rows.append((f"test PSNR / SSIM, G → refined (first {raw['n']})",
+    raw = report["test_reconstruction_raw_fid_images"]
+    if "test_reconstruction_refined_fid_images" in report:
+        refined = report["test_reconstruction_refined_fid_images"]
+        rows.append((f"test PSNR / SSIM, G → refined (test images {raw['n']}..{2 * raw['n']})",
                      f"{raw['psnr']:.2f} → {refined['psnr']:.2f} dB / {raw['ssim']:.4f} → {refined['ssim']:.4f}"))
         rows.append(("refinement", f"{ref['steps']} {ref['optimizer']} steps; "
                                    f"{ref['seconds_per_64_reconstructions']:.1f} s per 64 reconstructions, "

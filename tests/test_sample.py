@@ -9,7 +9,9 @@ from PIL import Image
 import scatgen
 from conftest import run_script
 from scatgen import inception
+from scatgen.data import load_split
 from scatgen.evaluation import evaluate, markdown_table
+from scatgen.pictures import to_unit
 
 # Every test here reads the session's trained run (conftest.run_dir), which a first test waits for.
 pytestmark = pytest.mark.slow
@@ -106,13 +108,36 @@ def test_evaluate_with_a_stand_in_feature_network(run_dir):
         assert scores["fid"] >= 0 and 0 <= scores["precision"] <= 1 and 0 <= scores["recall"] <= 1
     assert set(report["fid"]["reconstructions"]) == {"raw", "refined"}
     assert report["memorisation"]["flow"]["refined"]["n_samples"] == 16
-    assert report["test_reconstruction_refined_first_n"]["n"] == 32
+    assert report["test_reconstruction_refined_fid_images"]["n"] == 32
     assert report["refinement"]["steps"] == 2 and report["refinement"]["seconds_per_64_samples"] > 0
     assert set(report["cycle_error"]) == {"raw", "refined", "prior"}
     table = markdown_table(report)
     assert "test PSNR" in table and "samples, flow prior, refined" in table and "precision" in table
     with pytest.raises(ValueError, match="no 'gmm' prior"):
         evaluate(pipe, num_train=8, num_fid=8, feature_net=TinyFeatures(), progress=False, priors=["gmm"])
+
+
+def test_evaluate_reconstructs_test_images_that_are_not_its_reference(run_dir, monkeypatch):
+    # Scored against a reference that holds its own original, a reconstruction finds that twin
+    # among its nearest features, which a prior's sample cannot: the FID rows would not compare.
+    pipe = scatgen.load(run_dir)
+    reconstructed, scored = [], []
+    reconstruct = pipe.reconstruct
+    monkeypatch.setattr(pipe, "reconstruct", lambda images, refine=None: reconstructed.append(images)
+                        or reconstruct(images, refine=refine))
+
+    class Recording(ChannelStatistics):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            scored.append(x)
+            return super().forward(x)
+
+    report = evaluate(pipe, num_train=8, num_fid=8, num_memorisation=4, feature_net=Recording(), progress=False,
+                      refine=0, priors=["normal"])
+    test = torch.stack([image for image in load_split(pipe, "test")])
+    assert report["fid"]["n"] == 8 and len(reconstructed) == 1
+    assert torch.equal(reconstructed[0], test[8:16])
+    assert torch.allclose(scored[0], to_unit(test[:8]))  # the first batch of features: the reference
+    assert "test images 8..16" in markdown_table(report)
 
 
 class ChannelStatistics(torch.nn.Module):
@@ -147,7 +172,7 @@ def test_evaluate_without_inception_weights_skips_fid_and_says_why(run_dir, monk
                       refine=0, priors=["normal"])
     assert report["fid"] == {"skipped": inception.INCEPTION_UNAVAILABLE_MSG}
     assert f"FID, KID, precision and recall: {inception.INCEPTION_UNAVAILABLE_MSG}" in markdown_table(report)
-    assert report["test_reconstruction_raw_first_n"]["n"] == 8  # the rest of the protocol still ran
+    assert report["test_reconstruction_raw_fid_images"]["n"] == 8  # the rest of the protocol still ran
 
 
 def test_bad_inputs_give_clear_errors(run_dir, tmp_path):
