@@ -139,14 +139,14 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
     if n < 1:
         raise ValueError(f"evaluate needs at least 2 readable test images (half the FID reference, half "
                          f"reconstructed), and the test split has {len(test_images)}")
-    reference, real = test_images[:n], test_images[n:2 * n]
-    recons = {"raw": pipe.reconstruct(real, refine=0)}
+    reference, originals = test_images[:n], test_images[n:2 * n]
+    recons = {"raw": pipe.reconstruct(originals, refine=0)}
     samples: dict[str, dict[str, torch.Tensor]] = {}
     sample_codes: dict[str, torch.Tensor] = {}
     seconds = {"reconstruct": 0.0, "decode": 0.0}
     if refine_cfg.steps > 0:
         recons["refined"], seconds["reconstruct"] = _timed(
-            refine_reconstructions, pipe.scattering, recons["raw"], real, refine_cfg)
+            refine_reconstructions, pipe.scattering, recons["raw"], originals, refine_cfg)
     for kind in progress_bar(priors, desc="sampling and refining", disable=not progress, leave=False):
         codes = sample_codes[kind] = pipe.random_codes(n, seed=seed + 1, prior=kind)
         samples[kind] = {"raw": pipe.decode(codes, refine=0)}
@@ -155,7 +155,7 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
                                                      drawn_cfg, pipe.priors[kind].dims, pipe.priors[kind])
             seconds["decode"] += spent
     for kind, images in recons.items():
-        p, s = psnr(to_unit(images), to_unit(real)), ssim(to_unit(images), to_unit(real))
+        p, s = psnr(to_unit(images), to_unit(originals)), ssim(to_unit(images), to_unit(originals))
         report[f"test_reconstruction_{kind}_fid_images"] = {"psnr": finite_mean(p), "ssim": s.mean().item(),
                                                             "n": n, "images": f"test {n}..{2 * n}"}
     cycle_prior = "normal" if "normal" in samples else priors[0]
