@@ -189,6 +189,8 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
             "image_size": pipe.image_size,
             "resize": getattr(net, "resize_method", "none (stand-in feature network)"),
             "network": "FID Inception (TorchScript, 2048-d pool3)" if feature_net is None else type(net).__name__,
+            # What the data itself scores at this N: FID's floor, and the precision a sampler can hope for.
+            "real_images": scores(real_feats, originals),
             "reconstructions": {kind: scores(real_feats, images) for kind, images in recons.items()},
             "samples": {prior: {kind: scores(real_feats, images) for kind, images in sets.items()}
                         for prior, sets in progress_bar(samples.items(), desc="inception features",
@@ -253,6 +255,8 @@ def markdown_table(report: dict[str, Any]) -> str:
                                                f"(ratio {memo['ratio_median']:.2f})")
         return f"| {name} | " + " | ".join(cells) + " |"
 
+    if "real_images" in fid:
+        lines.append(row(f"test images {fid['n']}..{2 * fid['n']}, as they are", fid["real_images"], None))
     for kind in ("raw", "refined"):
         recon_scores = fid.get("reconstructions", {}).get(kind)
         if recon_scores is not None or kind == "raw":

@@ -137,7 +137,9 @@ def test_evaluate_reconstructs_test_images_that_are_not_its_reference(run_dir, m
     assert report["fid"]["n"] == 8 and len(reconstructed) == 1
     assert torch.equal(reconstructed[0], test[8:16])
     assert torch.allclose(scored[0], to_unit(test[:8]))  # the first batch of features: the reference
-    assert "test images 8..16" in markdown_table(report)
+    assert torch.allclose(scored[1], to_unit(test[8:16]))  # then those images as they are, the data's own score
+    assert report["fid"]["real_images"]["fid"] < report["fid"]["samples"]["normal"]["raw"]["fid"]
+    assert "| test images 8..16, as they are |" in markdown_table(report)
 
 
 class ChannelStatistics(torch.nn.Module):
