@@ -88,13 +88,17 @@ def fixed_rows_key(run: str, pipe: scatgen.Pipeline, n: int, refine: int | None,
                       "scatgen": source.hexdigest(), "torch": torch.__version__})
 
 
+def with_data(pipe: scatgen.Pipeline, **changes: int) -> scatgen.Pipeline:
+    """A shallow copy of pipe whose data config has `changes`: for polygons, more images drawn on the fly."""
+    other = copy.copy(pipe)
+    other.cfg = replace(pipe.cfg, data=replace(pipe.cfg.data, **changes))
+    return other
+
+
 def test_halves(pipe: scatgen.Pipeline, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference (test images 0..n) and the images the ceiling rows are made from (n..2n)."""
-    tested = pipe
-    if pipe.cfg.data.name == "polygons" and pipe.cfg.data.num_test < 2 * n:  # procedural: draw more
-        tested = copy.copy(pipe)
-        tested.cfg = replace(pipe.cfg, data=replace(pipe.cfg.data, num_test=2 * n))
-    images = _stack(load_split(tested, "test"), 128)
+    more = pipe.cfg.data.name == "polygons" and pipe.cfg.data.num_test < 2 * n
+    images = _stack(load_split(with_data(pipe, num_test=2 * n) if more else pipe, "test"), 128)
     if len(images) < 2 * n:
         raise SystemExit(f"priors.py scores N={n} images against N test images and makes its ceiling from N "
                          f"others, and the test split has {len(images)} readable images: pass --n "
@@ -131,10 +135,10 @@ def main() -> None:
     overrides = dict(s.split("=", 1) for s in args.set)
     fit_seconds, fit_steps = {}, {}
     # The images whose codes the priors are fitted on: the memorisation check compares against them.
-    source = replace(pipe.cfg, data=replace(pipe.cfg.data, num_train=args.codes)) if args.codes else pipe.cfg
+    seen = with_data(pipe, num_train=args.codes) if args.codes else pipe
     if args.fit:
         cfg = with_overrides(pipe.cfg, overrides)
-        codes = encode_split(source, "train", pipe.encoder).codes
+        codes = encode_split(seen.cfg, "train", pipe.encoder).codes
         for kind in args.fit:
             tic = time.perf_counter()
             seed = pipe.cfg.run.seed if args.fit_seed is None else args.fit_seed
@@ -152,8 +156,6 @@ def main() -> None:
     reference, held = test_halves(pipe, args.n)
     n = len(reference)
     test_codes = pipe.encode(held)
-    seen = copy.copy(pipe)
-    seen.cfg = replace(pipe.cfg, data=source.data)
     train = _stack(load_split(seen, "train", limit=args.memorisation_images, seed=0), 128)
 
     def features(images: torch.Tensor) -> torch.Tensor:
@@ -227,6 +229,7 @@ def main() -> None:
         with atomic_path(fixed_path) as tmp:
             torch.save({"key": key, "real_feats": real_feats, "ceiling_images": ceiling_images,
                         "rows": [dict(row) for row in rows]}, tmp)
+    ceiling_by_g = pipe.decode(test_codes, refine=0)  # the G-alone rows' memorisation reference
     settings = {k: pipe.priors[k].settings() for k in kinds}  # as saved, before --sde-noise or --guidance overrides
     for kind in kinds:
         prior = pipe.priors[kind]
@@ -244,7 +247,7 @@ def main() -> None:
             label = f"{kind} ({', '.join(sampler)})" if sampler else kind
             codes, seconds = timed(pipe.random_codes, n, seed=args.seed, prior=kind)
             raw, more = timed(pipe.decode, codes, refine=0)
-            measure(f"{label}, G", raw, seconds + more, ceiling, recons, pipe.decode(test_codes, refine=0))
+            measure(f"{label}, G", raw, seconds + more, ceiling, recons, ceiling_by_g)
             refined, more = timed(pipe.decode, codes, refine=args.refine, dims=prior.dims, drawn_by=kind)
             measure(f"{label}, refined", refined, seconds + more, ceiling, recons, ceiling_images)
         if flow:  # the rows below follow the prior as saved

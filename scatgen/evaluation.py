@@ -157,7 +157,7 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
     for kind, images in recons.items():
         p, s = psnr(to_unit(images), to_unit(originals)), ssim(to_unit(images), to_unit(originals))
         report[f"test_reconstruction_{kind}_fid_images"] = {"psnr": finite_mean(p), "ssim": s.mean().item(),
-                                                            "n": n, "images": f"test {n}..{2 * n}"}
+                                                            "n": n, "images": f"test images {n}..{2 * n}"}
     cycle_prior = "normal" if "normal" in samples else priors[0]
     report["cycle_error"] = {kind: cycle_errors(pipe, sample_codes[cycle_prior], images)
                              for kind, images in samples[cycle_prior].items()}
@@ -232,7 +232,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     raw = report["test_reconstruction_raw_fid_images"]
     if "test_reconstruction_refined_fid_images" in report:
         refined = report["test_reconstruction_refined_fid_images"]
-        rows.append((f"test PSNR / SSIM, G → refined (test images {raw['n']}..{2 * raw['n']})",
+        rows.append((f"test PSNR / SSIM, G → refined ({raw['images']})",
                      f"{raw['psnr']:.2f} → {refined['psnr']:.2f} dB / {raw['ssim']:.4f} → {refined['ssim']:.4f}"))
         rows.append(("refinement", f"{ref['steps']} {ref['optimizer']} steps; "
                                    f"{ref['seconds_per_64_reconstructions']:.1f} s per 64 reconstructions, "
