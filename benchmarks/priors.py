@@ -89,8 +89,10 @@ def fixed_rows_key(run: str, pipe: scatgen.Pipeline, n: int, refine: int | None,
 
 
 def with_data(pipe: scatgen.Pipeline, **changes: int) -> scatgen.Pipeline:
-    """A shallow copy of pipe whose data config has `changes`: for polygons, more images drawn on the fly."""
+    """A shallow copy of pipe whose data config has `changes`: for polygons, more images drawn on the fly.
+    The encoder is copied too: it holds the pipeline's config, which pipe must keep."""
     other = copy.copy(pipe)
+    other.encoder = copy.copy(pipe.encoder)
     other.cfg = replace(pipe.cfg, data=replace(pipe.cfg.data, **changes))
     return other
 
