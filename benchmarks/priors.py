@@ -8,6 +8,7 @@
     python benchmarks/priors.py runs/polygons --sde-noise 0 1                        # ODE against SDE, one prior
     python benchmarks/priors.py runs/polygons --fit latent_flow --set prior.guide_at=0.25 --guidance 1 2  # autoguidance
     python benchmarks/priors.py runs/polygons --extras     # + the autoencoder's ceiling and interpolation midpoints
+    python benchmarks/priors.py runs/polygons --priors latent_flow --seed 1 2 3 4   # four draws and their means
 
 Every row is scored against the reference: the first N test images, by Inception pool features
 (FID; precision/recall with k=3). The rows made from test images use the next N (N..2N), never the
@@ -24,6 +25,8 @@ and with --extras:
   PRIOR projection     (latent_flow) test codes N..2N through the prior's autoencoder, refined: its own ceiling
   interpolation midpoints, path=prior and path=code, between test codes N + i and N + i + 1, refined
 These follow each prior as saved (its sde_noise and guidance), whatever --sde-noise and --guidance ask.
+With several --seed values each sampler gets a pair of rows per seed, then a row of the refined rows'
+means (each score averaged over the draws, not recomputed on their union) with the range of its two ratios.
 Each sample row carries its precision as a ratio of the ceiling's, FID as a ratio of the refined
 reconstructions', and the memorisation check: the median pixel distance of samples to their
 nearest train image over that of the ceiling images (made the same way), and the share of
@@ -120,7 +123,8 @@ def main() -> None:
                         help="add the autoencoder's ceiling (latent_flow) and the interpolation midpoint rows")
     parser.add_argument("--no-cache", action="store_true", help=f"recompute the rows kept in RUN/{FIXED_FILE}")
     parser.add_argument("--refine", type=int, default=None, help="refinement steps (default: the bundle's)")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seed", type=int, nargs="+", default=[1],
+                        help="sample seeds: a pair of sample rows per seed and, with several, a row of their means")
     parser.add_argument("--fit-seed", type=int, help="seed of the --fit priors (default: the run's run.seed)")
     parser.add_argument("--sde-noise", type=float, nargs="+", help="flow priors: one pair of sample rows per "
                         "noise (0 = the ODE), the same fitted prior (default: its own prior.sde_noise)")
@@ -247,11 +251,17 @@ def main() -> None:
                 prior.guidance = weight  # a prior fitted without a guide says so here
                 sampler.append(f"guidance {weight:g}")
             label = f"{kind} ({', '.join(sampler)})" if sampler else kind
-            codes, seconds = timed(pipe.random_codes, n, seed=args.seed, prior=kind)
-            raw, more = timed(pipe.decode, codes, refine=0)
-            measure(f"{label}, G", raw, seconds + more, ceiling, recons, ceiling_by_g)
-            refined, more = timed(pipe.decode, codes, refine=args.refine, dims=prior.dims, drawn_by=kind)
-            measure(f"{label}, refined", refined, seconds + more, ceiling, recons, ceiling_images)
+            draws = []
+            for seed in args.seed:
+                drawn = f"{label}, seed {seed}" if len(args.seed) > 1 else label
+                codes, seconds = timed(pipe.random_codes, n, seed=seed, prior=kind)
+                raw, more = timed(pipe.decode, codes, refine=0)
+                measure(f"{drawn}, G", raw, seconds + more, ceiling, recons, ceiling_by_g)
+                refined, more = timed(pipe.decode, codes, refine=args.refine, dims=prior.dims, drawn_by=kind)
+                draws.append(measure(f"{drawn}, refined", refined, seconds + more, ceiling, recons, ceiling_images))
+            if len(draws) > 1:
+                rows.append(mean_row(f"{label}, refined, mean of {len(draws)} seeds", draws))
+                print(format_row(rows[-1]), flush=True)
         if flow:  # the rows below follow the prior as saved
             prior.sde_noise, prior.guidance = settings[kind]["sde_noise"], settings[kind].get("guidance", 1.0)
         if args.extras and prior.kind == "latent_flow":
@@ -281,16 +291,33 @@ def main() -> None:
     print(markdown(rows))
 
 
+def mean_row(name: str, draws: list[dict]) -> dict:
+    """The mean of each score over draws of one sampler, with the range of the ratios the targets
+    read: one draw at N = 500 moves FID by several points (benchmarks/README.md)."""
+    keys = ("precision", "recall", "fid", "precision_vs_ceiling", "fid_vs_recons", "memorisation_ratio", "near_copies")
+    row = {"row": name, "n": sum(d["n"] for d in draws), "seconds": sum(d["seconds"] for d in draws),
+           **{k: sum(d[k] for d in draws) / len(draws) for k in keys}}
+    for k in ("precision_vs_ceiling", "fid_vs_recons"):
+        row[f"{k}_range"] = [min(d[k] for d in draws), max(d[k] for d in draws)]
+    return row
+
+
 def format_row(row: dict) -> str:
     extra = ", ".join(f"{k} {row[k]:.3g}" for k in ("precision_vs_ceiling", "fid_vs_recons", "memorisation_ratio",
                                                      "near_copies") if k in row)
+    spread = ", ".join(f"{k} {row[k + '_range'][0]:.3g}–{row[k + '_range'][1]:.3g}"
+                       for k in ("precision_vs_ceiling", "fid_vs_recons") if k + "_range" in row)
     return (f"{row['row']}: precision {row['precision']:.3f}, recall {row['recall']:.3f}, FID {row['fid']:.1f}"
-            f"{', ' + extra if extra else ''} ({row['seconds']:.0f} s{', reused' if row.get('reused') else ''})")
+            f"{', ' + extra if extra else ''}{' (ranges: ' + spread + ')' if spread else ''} "
+            f"({row['seconds']:.0f} s{', reused' if row.get('reused') else ''})")
 
 
 def markdown(rows: list[dict]) -> str:
     def cell(row: dict, key: str, fmt: str) -> str:
-        return format(row[key], fmt) if key in row else "–"
+        if key not in row:
+            return "–"
+        spread = row.get(f"{key}_range")  # a mean over seeds
+        return format(row[key], fmt) + (f" ({spread[0]:{fmt}}–{spread[1]:{fmt}})" if spread else "")
 
     lines = ["| images | precision | × ceiling | recall | FID | × recons FID | memorisation ratio | near-copies | s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
