@@ -54,7 +54,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -79,6 +79,11 @@ FIXED_FILE = "priors-fixed.pt"
 FIXED_ROWS = {"key", "real_feats", "ceiling_images", "rows"}
 
 
+# Settings that only drawn codes refine with: the fixed rows (test codes, reconstructions) never read them,
+# so a sampling variant reuses the cache.
+DRAWN_ONLY = ("sample_steps", "sample_tv", "latent_spread")
+
+
 def fixed_rows_key(run: str, pipe: scatgen.Pipeline, n: int, refine: int | None, inception: str | None) -> str:
     """Names everything the ceiling and reconstruction rows depend on (not the priors)."""
     sums = json.loads((find_bundle(run) / "checksums.json").read_text())
@@ -86,7 +91,7 @@ def fixed_rows_key(run: str, pipe: scatgen.Pipeline, n: int, refine: int | None,
     for path in sorted(Path(scatgen.__file__).parent.rglob("*.py")):
         source.update(path.read_bytes())
     return cache_key({"bundle": {k: v for k, v in sums.items() if not k.startswith("priors/")},
-                      "refine": pipe.cfg.refine, "steps": refine, "n": n, "inception": inception,
+                      "refine": {k: v for k, v in asdict(pipe.cfg.refine).items() if k not in DRAWN_ONLY}, "steps": refine, "n": n, "inception": inception,
                       "device": str(pipe.device), "layout": "unpaired",
                       "scatgen": source.hexdigest(), "torch": torch.__version__})
 
