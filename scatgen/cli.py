@@ -478,8 +478,9 @@ def use(argv: list[str], prog: str | None = None, description: str | None = None
     parsers["reconstruct"].add_argument("--nrow", type=count(1), default=8)
     parsers["evaluate"].add_argument("--inception", help="TorchScript FID Inception weights")
     parsers["evaluate"].add_argument("--num-fid", type=count(4), default=1000,
-                                     help="N for FID/KID, at most half the test split (the first N are the "
-                                          "reference, the next N are reconstructed)")
+                                     help="N for FID/KID: the first N test images are the reference, the next N "
+                                          "are reconstructed (polygons draw as many as that takes; other data "
+                                          "at most half the test split, with a warning)")
     parsers["evaluate"].add_argument("--num-train", type=count(1), default=2000, help="train images for PSNR")
     parsers["evaluate"].add_argument("--priors", nargs="+", choices=PRIOR_KINDS,
                                      help="priors to sample from (default: every one the bundle holds)")

@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from scatgen.data import iterate_images, load_split
+from scatgen.data import build_dataset, iterate_images, load_split
 from scatgen.inception import InceptionUnavailable, compute_features, load_inception
 from scatgen.metrics import (
     RunningMean, code_statistics, fid_from_features, finite_mean, kernel_inception_distance, memorisation_report,
@@ -77,6 +79,26 @@ def _stack(dataset: Dataset, batch_size: int) -> torch.Tensor:
     return torch.cat(list(iterate_images(dataset, batch_size)))
 
 
+def fid_halves(pipe: Pipeline, test_set: Dataset, num_fid: int, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FID reference, the first N test images, and the N after them, which are reconstructed.
+
+    Polygons are procedural and test image i is the same whatever the split's length, so their
+    split grows to 2·num_fid. Other data give N = half their readable test images at most, with a
+    warning when that is below num_fid."""
+    if pipe.cfg.data.name == "polygons" and len(test_set) < 2 * num_fid:
+        test_set = build_dataset(replace(pipe.cfg.data, num_test=2 * num_fid), "test")
+    images = _stack(test_set, batch_size)
+    n = min(num_fid, len(images) // 2)
+    if n < 1:
+        raise ValueError(f"FID needs at least 2 readable test images (half the reference, half reconstructed), "
+                         f"and the test split has {len(images)}")
+    if n < num_fid:
+        warnings.warn(f"FID at N={n}, not {num_fid}: the test split has {len(images)} readable images, and FID "
+                      f"takes N of them as its reference and reconstructs N others; pass --num-fid {n} to ask "
+                      f"for that N, since a larger one needs a larger test split", stacklevel=2)
+    return images[:n], images[n:2 * n]
+
+
 def cpu_or_gpu_name(device: torch.device) -> str:
     """The processor that timings were taken on, for the report."""
     if device.type == "cuda":
@@ -134,12 +156,8 @@ def evaluate(pipe: Pipeline, num_train: int = 2000, num_fid: int = 1000, num_mem
     # reconstructions are of the next n: scored against a reference that holds its own original, an
     # image finds that twin among its nearest features, and a prior's samples have none
     # (benchmarks/README.md, "Unpaired").
-    test_images = _stack(test_set, batch_size)
-    n = min(num_fid, len(test_images) // 2)
-    if n < 1:
-        raise ValueError(f"evaluate needs at least 2 readable test images (half the FID reference, half "
-                         f"reconstructed), and the test split has {len(test_images)}")
-    reference, originals = test_images[:n], test_images[n:2 * n]
+    reference, originals = fid_halves(pipe, test_set, num_fid, batch_size)
+    n = len(reference)
     recons = {"raw": pipe.reconstruct(originals, refine=0)}
     samples: dict[str, dict[str, torch.Tensor]] = {}
     sample_codes: dict[str, torch.Tensor] = {}

@@ -1,6 +1,7 @@
 import json
 import shutil
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import scatgen
 from conftest import run_script
 from scatgen import inception
 from scatgen.data import load_split
-from scatgen.evaluation import evaluate, markdown_table
+from scatgen.evaluation import evaluate, fid_halves, markdown_table
 from scatgen.pictures import to_unit
 
 # Every test here reads the session's trained run (conftest.run_dir), which a first test waits for.
@@ -140,6 +141,39 @@ def test_evaluate_reconstructs_test_images_that_are_not_its_reference(run_dir, m
     assert torch.allclose(scored[1], to_unit(test[8:16]))  # then those images as they are, the data's own score
     assert report["fid"]["real_images"]["fid"] < report["fid"]["samples"]["normal"]["raw"]["fid"]
     assert "| test images 8..16, as they are |" in markdown_table(report)
+
+
+def test_evaluate_draws_more_polygons_when_the_test_split_is_short_of_twice_n(run_dir, monkeypatch):
+    # The run's test split holds 64 polygons; N = 40 needs 80. Polygons are procedural, so the 16
+    # more are drawn, and the 64 the split holds come first, unchanged.
+    pipe = scatgen.load(run_dir)
+    reconstructed = []
+    reconstruct = pipe.reconstruct
+    monkeypatch.setattr(pipe, "reconstruct", lambda images, refine=None: reconstructed.append(images)
+                        or reconstruct(images, refine=refine))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing lowered, so nothing to warn of
+        report = evaluate(pipe, num_train=8, num_fid=40, num_memorisation=4, feature_net=ChannelStatistics(),
+                          progress=False, refine=0, priors=["normal"])
+    split = torch.stack([image for image in load_split(pipe, "test")])
+    assert len(split) == 64 and report["fid"]["n"] == 40
+    assert torch.equal(reconstructed[0][:24], split[40:64]) and len(reconstructed[0]) == 40
+    assert not any(torch.equal(reconstructed[0][24], image) for image in split)
+    assert report["test_reconstruction"]["n"] == 64  # PSNR stays on the run's own test split
+
+
+def test_fid_halves_of_a_finite_split_warn_when_n_is_lowered():
+    pipe = SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(name="folder")))
+    images = torch.rand(7, 3, 8, 8) * 2 - 1
+    with pytest.warns(UserWarning, match=r"FID at N=3, not 5: the test split has 7 readable images.*--num-fid 3"):
+        reference, held = fid_halves(pipe, list(images), num_fid=5)
+    assert torch.equal(reference, images[:3]) and torch.equal(held, images[3:6])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reference, held = fid_halves(pipe, list(images), num_fid=3)
+    assert len(reference) == len(held) == 3
+    with pytest.raises(ValueError, match="at least 2 readable test images"):
+        fid_halves(pipe, list(images[:1]), num_fid=5)
 
 
 class ChannelStatistics(torch.nn.Module):
