@@ -43,8 +43,9 @@ prior.* (for --fit) and refine.* overrides (for every row, the ceiling's too). P
 
 The rows that no prior changes (real images, the ceilings, the refined reconstructions, the reference's features)
 are kept in RUN/priors-fixed.pt and reused while everything they depend on is unchanged: the
-bundle's generator, whitening and config, the refinement settings, N, the device, the Inception
-weights, torch's version and scatgen's source. A reused row says so; --no-cache recomputes them.
+bundle's generator, whitening and config, the refinement settings that test codes and reconstructions
+use (not those of drawn codes only), N, the device, the Inception weights, torch's version and
+scatgen's source. A reused row says so; --no-cache recomputes them.
 """
 
 import argparse
