@@ -92,8 +92,9 @@ def fixed_rows_key(run: str, pipe: scatgen.Pipeline, n: int, refine: int | None,
     source = hashlib.sha256()
     for path in sorted(Path(scatgen.__file__).parent.rglob("*.py")):
         source.update(path.read_bytes())
+    fixed_refine = {k: v for k, v in asdict(pipe.cfg.refine).items() if k not in DRAWN_ONLY}
     return cache_key({"bundle": {k: v for k, v in sums.items() if not k.startswith("priors/")},
-                      "refine": {k: v for k, v in asdict(pipe.cfg.refine).items() if k not in DRAWN_ONLY}, "steps": refine, "n": n, "inception": inception,
+                      "refine": fixed_refine, "steps": refine, "n": n, "inception": inception,
                       "device": str(pipe.device), "layout": "unpaired",
                       "scatgen": source.hexdigest(), "torch": torch.__version__})
 
